@@ -1,0 +1,74 @@
+//! The one error type of the domain, and the small error of value constructors.
+
+use std::fmt;
+
+use crate::ids::{CartItemId, OrderId, ProductId, ProductOptionId, UserId};
+use crate::money::Money;
+use crate::order::OrderStatus;
+
+/// A value that failed to parse at the edge: names the field (as the client spelled it) and the rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidValue {
+    pub field: &'static str,
+    pub reason: &'static str,
+}
+
+impl InvalidValue {
+    #[must_use]
+    pub const fn new(field: &'static str, reason: &'static str) -> Self {
+        Self { field, reason }
+    }
+}
+
+impl fmt::Display for InvalidValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for InvalidValue {}
+
+/// Every outcome of a use case other than success. Expected outcomes are variants a client can branch on;
+/// [`DomainError::Unexpected`] carries the cause of everything else (a store that is down, a bug).
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidValue),
+    #[error("user {0} not found")]
+    UserNotFound(UserId),
+    #[error("product {0} not found")]
+    ProductNotFound(ProductId),
+    #[error("product option {0} not found")]
+    ProductOptionNotFound(ProductOptionId),
+    #[error("cart item {0} not found")]
+    CartItemNotFound(CartItemId),
+    #[error("order {0} not found")]
+    OrderNotFound(OrderId),
+    #[error("the balance may not exceed {limit}")]
+    BalanceLimitExceeded { limit: Money },
+    #[error("a cart line may hold at most {max} units")]
+    CartQuantityLimitExceeded { max: i64 },
+    #[error("balance {balance} is less than the {required} due")]
+    InsufficientBalance { balance: Money, required: Money },
+    #[error("product option {option_id} does not have the stock asked for")]
+    OutOfStock { option_id: ProductOptionId },
+    #[error("product {product_id} is not on sale")]
+    ProductNotOnSale { product_id: ProductId },
+    #[error("order {order_id} is {status} and cannot be paid")]
+    OrderNotPayable { order_id: OrderId, status: OrderStatus },
+    /// A lock or a retry budget ran out; the client may retry after `retry_after_secs`.
+    #[error("could not get the stock lock in time")]
+    LockTimeout { retry_after_secs: u32 },
+    /// An optimistic write lost a race; use cases retry it and never let it reach a client.
+    #[error("a concurrent write changed the data first")]
+    WriteConflict,
+    #[error("unexpected failure: {0}")]
+    Unexpected(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl DomainError {
+    /// Wraps any infrastructure error as [`DomainError::Unexpected`].
+    pub fn unexpected(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unexpected(cause.into())
+    }
+}

@@ -1,0 +1,26 @@
+//! The shop's domain: aggregates and their rules, the ports the use cases need, and the use cases themselves.
+//!
+//! This crate does no I/O and must never depend on sea-orm, fred, actix or utoipa (`.ci/run` checks it with
+//! `cargo tree`): adapters depend on it, not the other way round.
+//!
+//! - [`ids`], [`money`]: typed ids, money and quantities; invalid values cannot be built.
+//! - [`user`], [`product`], [`cart`], [`order`], [`payment`], [`sales`]: one module per aggregate.
+//! - [`page`]: paging of lists.
+//! - [`error`]: [`DomainError`], the one error type of every use case.
+//! - [`ports`]: repositories, the unit of work, clock, events, probes.
+//! - [`services`]: the use cases.
+
+pub mod cart;
+pub mod error;
+pub mod ids;
+pub mod money;
+pub mod order;
+pub mod page;
+pub mod payment;
+pub mod ports;
+pub mod product;
+pub mod sales;
+pub mod services;
+pub mod user;
+
+pub use error::{DomainError, InvalidValue};

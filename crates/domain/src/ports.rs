@@ -1,0 +1,155 @@
+//! The ports: what the use cases need from the outside world, as traits that adapters implement.
+//!
+//! Every port is `Send + Sync` and object safe, so the server can hold the adapter chosen by configuration as
+//! `Arc<dyn Port>`. Each method's `# Errors` section names the variants an adapter MUST return for expected
+//! outcomes; anything else is [`DomainError::Unexpected`].
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::cart::CartItem;
+use crate::error::DomainError;
+use crate::ids::{CartItemId, OrderId, PaymentId, ProductId, ProductOptionId, UserId};
+use crate::money::{Money, Quantity, Stock};
+use crate::page::{Page, PageRequest};
+use crate::product::{NewProduct, Product, ProductOption};
+use crate::sales::{DateRange, PopularProduct, RankingLimit};
+use crate::user::{ChargeAmount, User, UserName};
+
+/// Time, injected so that expiry and "today" can be tested without sleeping.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+pub trait Clock: Send + Sync {
+    /// Sales days are UTC days: `now().date_naive()`.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// What happened, published after the transaction that made it happen has committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainEvent {
+    OrderCreated { order_id: OrderId, user_id: UserId, total_price: Money },
+    PaymentCompleted { payment_id: PaymentId, order_id: OrderId, user_id: UserId, amount: Money },
+}
+
+impl DomainEvent {
+    /// The event's name on the wire (`order.created`, `payment.completed`).
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::OrderCreated { .. } => "order.created",
+            Self::PaymentCompleted { .. } => "payment.completed",
+        }
+    }
+}
+
+/// Hands events to whoever listens. Never blocks and never fails the use case: an event is a notice of a
+/// committed fact, so a publisher that cannot deliver logs it.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+pub trait EventPublisher: Send + Sync {
+    fn publish(&self, event: DomainEvent);
+}
+
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait UserRepository: Send + Sync {
+    async fn create(&self, name: &UserName, now: DateTime<Utc>) -> Result<User, DomainError>;
+
+    /// A user that exists and is not soft-deleted.
+    async fn find(&self, id: UserId) -> Result<Option<User>, DomainError>;
+
+    /// Adds `amount` to the balance in one atomic conditional UPDATE, so concurrent charges never lose one
+    /// another; returns the new balance.
+    ///
+    /// # Errors
+    /// [`DomainError::UserNotFound`]; [`DomainError::BalanceLimitExceeded`] when the new balance would pass
+    /// `limit` (the balance is then unchanged).
+    async fn charge(&self, id: UserId, amount: ChargeAmount, limit: Money, now: DateTime<Utc>) -> Result<Money, DomainError>;
+}
+
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait ProductRepository: Send + Sync {
+    /// Products that are not soft-deleted, by id, each with its live options.
+    async fn list(&self, page: PageRequest) -> Result<Page<Product>, DomainError>;
+
+    /// A product that is not soft-deleted, with its live options.
+    async fn find(&self, id: ProductId) -> Result<Option<Product>, DomainError>;
+
+    /// Inserts the product and its options in one transaction.
+    async fn create(&self, product: &NewProduct, now: DateTime<Utc>) -> Result<Product, DomainError>;
+
+    /// Sets an option's stock (an admin's count), bumping its version so optimistic writers see the change.
+    ///
+    /// # Errors
+    /// [`DomainError::ProductOptionNotFound`] for an unknown option or one of a soft-deleted product.
+    async fn set_stock(&self, id: ProductOptionId, stock: Stock, now: DateTime<Utc>) -> Result<ProductOption, DomainError>;
+
+    /// Products ranked by units sold in paid orders over `range`, best first, ties by product id; soft-deleted
+    /// products are left out.
+    async fn popular(&self, range: DateRange, limit: RankingLimit) -> Result<Vec<PopularProduct>, DomainError>;
+}
+
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait CartRepository: Send + Sync {
+    /// The user's live cart lines, oldest first, with their options' names and prices.
+    async fn list(&self, user_id: UserId) -> Result<Vec<CartItem>, DomainError>;
+
+    /// Soft-deletes a line of the user's cart; `false` when the user has no such line.
+    async fn remove(&self, user_id: UserId, item_id: CartItemId, now: DateTime<Utc>) -> Result<bool, DomainError>;
+}
+
+/// Starts transactions. Use cases that need several reads and writes to hold together run them on one
+/// [`Transaction`]; dropping a transaction without committing rolls it back.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait UnitOfWork: Send + Sync {
+    /// Begins a write transaction (on SQLite an IMMEDIATE one, so two writers queue instead of failing).
+    async fn begin(&self) -> Result<Box<dyn Transaction>, DomainError>;
+}
+
+/// The reads and writes a use case may make inside one transaction.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait Transaction: Send {
+    /// Whether a live user has this id.
+    async fn user_exists(&mut self, id: UserId) -> Result<bool, DomainError>;
+
+    /// A live option of a live product, with the product's id.
+    async fn find_option(&mut self, id: ProductOptionId) -> Result<Option<ProductOption>, DomainError>;
+
+    /// Adds `quantity` to the user's line of this option, creating the line when there is none, and returns
+    /// the line.
+    ///
+    /// # Errors
+    /// [`DomainError::CartQuantityLimitExceeded`] when the merged line would hold more than
+    /// [`Quantity::MAX`] (the line is then unchanged).
+    async fn add_to_cart(
+        &mut self,
+        user_id: UserId,
+        option_id: ProductOptionId,
+        quantity: Quantity,
+        now: DateTime<Utc>,
+    ) -> Result<CartItem, DomainError>;
+
+    async fn commit(self: Box<Self>) -> Result<(), DomainError>;
+}
+
+/// A dependency that `/health/ready` asks.
+#[async_trait]
+pub trait Probe: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// # Errors
+    /// [`DomainError::Unexpected`] when the dependency does not answer.
+    async fn ping(&self) -> Result<(), DomainError>;
+}

@@ -1,0 +1,9 @@
+//! Use cases, one module per aggregate. Each service holds the ports it needs as `Arc<dyn Port>`.
+
+pub mod cart;
+pub mod catalog;
+pub mod users;
+
+pub use cart::CartService;
+pub use catalog::CatalogService;
+pub use users::UserService;

@@ -1,0 +1,110 @@
+//! Creating users, reading and charging their balance.
+
+use std::sync::Arc;
+
+use crate::error::DomainError;
+use crate::ids::UserId;
+use crate::money::Money;
+use crate::ports::{Clock, UserRepository};
+use crate::user::{ChargeAmount, User, UserName};
+
+#[derive(Clone)]
+pub struct UserService {
+    users: Arc<dyn UserRepository>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for UserService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserService").finish_non_exhaustive()
+    }
+}
+
+impl UserService {
+    pub fn new(users: Arc<dyn UserRepository>, clock: Arc<dyn Clock>) -> Self {
+        Self { users, clock }
+    }
+
+    /// # Errors
+    /// [`DomainError::Unexpected`] when the store fails.
+    pub async fn create(&self, name: UserName) -> Result<User, DomainError> {
+        self.users.create(&name, self.clock.now()).await
+    }
+
+    /// # Errors
+    /// [`DomainError::UserNotFound`].
+    pub async fn balance(&self, id: UserId) -> Result<Money, DomainError> {
+        self.users.find(id).await?.map(|u| u.balance).ok_or(DomainError::UserNotFound(id))
+    }
+
+    /// Charges in one atomic update that refuses to pass [`User::BALANCE_LIMIT`].
+    ///
+    /// # Errors
+    /// [`DomainError::UserNotFound`], [`DomainError::BalanceLimitExceeded`].
+    pub async fn charge(&self, id: UserId, amount: ChargeAmount) -> Result<Money, DomainError> {
+        self.users.charge(id, amount, User::BALANCE_LIMIT, self.clock.now()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::{MockClock, MockUserRepository};
+    use chrono::{TimeZone, Utc};
+    use mockall::predicate::eq;
+
+    fn clock() -> Arc<MockClock> {
+        let mut clock = MockClock::new();
+        clock.expect_now().returning(|| Utc.with_ymd_and_hms(2026, 11, 25, 9, 0, 0).unwrap());
+        Arc::new(clock)
+    }
+
+    fn uid(n: i64) -> UserId {
+        UserId::new(n).unwrap()
+    }
+
+    #[tokio::test]
+    async fn create_stores_the_parsed_name_at_the_clock_time() {
+        let mut repo = MockUserRepository::new();
+        repo.expect_create()
+            .withf(|name, now| name.as_str() == "kim" && now.to_rfc3339() == "2026-11-25T09:00:00+00:00")
+            .returning(|name, _| Ok(User { id: uid(1), name: name.as_str().into(), balance: Money::ZERO }));
+        let user = UserService::new(Arc::new(repo), clock()).create(UserName::new(" kim ").unwrap()).await.unwrap();
+        assert_eq!((user.id, user.name.as_str(), user.balance), (uid(1), "kim", Money::ZERO));
+    }
+
+    #[tokio::test]
+    async fn balance_of_an_unknown_user_is_not_found() {
+        let mut repo = MockUserRepository::new();
+        repo.expect_find().with(eq(uid(9))).returning(|_| Ok(None));
+        let err = UserService::new(Arc::new(repo), clock()).balance(uid(9)).await.unwrap_err();
+        assert!(matches!(err, DomainError::UserNotFound(id) if id == uid(9)));
+    }
+
+    #[tokio::test]
+    async fn balance_reads_the_user() {
+        let mut repo = MockUserRepository::new();
+        repo.expect_find()
+            .returning(|id| Ok(Some(User { id, name: "kim".into(), balance: Money::new(500).unwrap() })));
+        let balance = UserService::new(Arc::new(repo), clock()).balance(uid(1)).await.unwrap();
+        assert_eq!(balance.won(), 500);
+    }
+
+    #[tokio::test]
+    async fn charge_passes_the_balance_limit_to_the_atomic_update() {
+        let mut repo = MockUserRepository::new();
+        repo.expect_charge()
+            .withf(|id, amount, limit, _| *id == uid(1) && amount.money().won() == 1000 && *limit == User::BALANCE_LIMIT)
+            .returning(|_, _, _, _| Ok(Money::new(1000).unwrap()));
+        let svc = UserService::new(Arc::new(repo), clock());
+        assert_eq!(svc.charge(uid(1), ChargeAmount::new(1000).unwrap()).await.unwrap().won(), 1000);
+    }
+
+    #[tokio::test]
+    async fn charge_errors_pass_through() {
+        let mut repo = MockUserRepository::new();
+        repo.expect_charge().returning(|_, _, limit, _| Err(DomainError::BalanceLimitExceeded { limit }));
+        let err = UserService::new(Arc::new(repo), clock()).charge(uid(1), ChargeAmount::new(1).unwrap()).await.unwrap_err();
+        assert!(matches!(err, DomainError::BalanceLimitExceeded { .. }));
+    }
+}

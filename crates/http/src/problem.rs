@@ -1,0 +1,239 @@
+//! RFC 9457 problem responses, and the one place where an error becomes an HTTP status and a stable `code`.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use shop_domain::{DomainError, InvalidValue};
+use utoipa::ToSchema;
+
+/// The problem document every error answers with (`application/problem+json`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Problem {
+    /// A URI naming the kind of problem.
+    #[schema(example = "https://shop.example.com/problems/out-of-stock")]
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A short summary of the kind of problem.
+    #[schema(example = "Out of stock")]
+    pub title: String,
+    #[schema(example = 409)]
+    pub status: u16,
+    /// What went wrong with this request.
+    #[schema(example = "product option 7 does not have the stock asked for")]
+    pub detail: String,
+    /// A stable identifier that clients branch on.
+    #[schema(example = "OUT_OF_STOCK")]
+    pub code: &'static str,
+    /// The request field at fault, for `VALIDATION_FAILED`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// The option at fault, for `OUT_OF_STOCK`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub product_option_id: Option<i64>,
+}
+
+/// Everything a handler can fail with: the domain's errors plus the few that only HTTP knows.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// A body, path or query that does not parse or breaks a rule; names the field.
+    #[error("{field}: {detail}")]
+    Validation { field: String, detail: String },
+    #[error("missing or wrong admin token")]
+    Unauthorized,
+    #[error("the admin API is disabled: no admin token is configured")]
+    AdminDisabled,
+    #[error("no route matches this method and path")]
+    RouteNotFound,
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("not ready: {0}")]
+    NotReady(String),
+}
+
+impl From<InvalidValue> for ApiError {
+    fn from(value: InvalidValue) -> Self {
+        Self::Validation { field: value.field.to_owned(), detail: value.to_string() }
+    }
+}
+
+impl From<validator::ValidationErrors> for ApiError {
+    fn from(errors: validator::ValidationErrors) -> Self {
+        let (field, detail) = first_violation(&errors, "");
+        Self::Validation { field, detail }
+    }
+}
+
+/// The first violated rule, with its field as a path (`items[0].quantity`).
+fn first_violation(errors: &validator::ValidationErrors, prefix: &str) -> (String, String) {
+    use validator::ValidationErrorsKind as Kind;
+    let mut fields: Vec<_> = errors.errors().iter().collect();
+    fields.sort_by_key(|(name, _)| name.to_string());
+    for (name, kind) in fields {
+        let path = if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+        match kind {
+            Kind::Field(list) => {
+                if let Some(e) = list.first() {
+                    let message = e.message.as_ref().map_or_else(|| e.code.to_string(), ToString::to_string);
+                    return (path.clone(), format!("{path}: {message}"));
+                }
+            }
+            Kind::Struct(inner) => return first_violation(inner, &path),
+            Kind::List(items) => {
+                if let Some((index, inner)) = items.iter().next() {
+                    return first_violation(inner, &format!("{path}[{index}]"));
+                }
+            }
+        }
+    }
+    ("body".to_owned(), "body: invalid".to_owned())
+}
+
+struct Entry {
+    status: StatusCode,
+    code: &'static str,
+    title: &'static str,
+}
+
+const fn entry(status: StatusCode, code: &'static str, title: &'static str) -> Entry {
+    Entry { status, code, title }
+}
+
+impl ApiError {
+    /// The table of statuses and codes. No `_` arm: a new variant must be given its answer here.
+    fn entry(&self) -> Entry {
+        use DomainError as D;
+        match self {
+            Self::Domain(error) => match error {
+                D::Invalid(_) => entry(StatusCode::BAD_REQUEST, "VALIDATION_FAILED", "Validation failed"),
+                D::UserNotFound(_) => entry(StatusCode::NOT_FOUND, "USER_NOT_FOUND", "User not found"),
+                D::ProductNotFound(_) => entry(StatusCode::NOT_FOUND, "PRODUCT_NOT_FOUND", "Product not found"),
+                D::ProductOptionNotFound(_) => {
+                    entry(StatusCode::NOT_FOUND, "PRODUCT_OPTION_NOT_FOUND", "Product option not found")
+                }
+                D::CartItemNotFound(_) => entry(StatusCode::NOT_FOUND, "CART_ITEM_NOT_FOUND", "Cart item not found"),
+                D::OrderNotFound(_) => entry(StatusCode::NOT_FOUND, "ORDER_NOT_FOUND", "Order not found"),
+                D::BalanceLimitExceeded { .. } => {
+                    entry(StatusCode::UNPROCESSABLE_ENTITY, "BALANCE_LIMIT_EXCEEDED", "Balance limit exceeded")
+                }
+                D::CartQuantityLimitExceeded { .. } => entry(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "CART_QUANTITY_LIMIT_EXCEEDED",
+                    "Cart line quantity limit exceeded",
+                ),
+                D::InsufficientBalance { .. } => {
+                    entry(StatusCode::PAYMENT_REQUIRED, "INSUFFICIENT_BALANCE", "Insufficient balance")
+                }
+                D::OutOfStock { .. } => entry(StatusCode::CONFLICT, "OUT_OF_STOCK", "Out of stock"),
+                D::ProductNotOnSale { .. } => entry(StatusCode::CONFLICT, "PRODUCT_NOT_ON_SALE", "Product not on sale"),
+                D::OrderNotPayable { .. } => entry(StatusCode::CONFLICT, "ORDER_NOT_PAYABLE", "Order not payable"),
+                // A conflict that outlived its retries is, to the client, a lock it could not get in time.
+                D::LockTimeout { .. } | D::WriteConflict => {
+                    entry(StatusCode::SERVICE_UNAVAILABLE, "LOCK_TIMEOUT", "Lock wait timed out")
+                }
+                D::Unexpected(_) => entry(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", "Internal server error"),
+            },
+            Self::Validation { .. } => entry(StatusCode::BAD_REQUEST, "VALIDATION_FAILED", "Validation failed"),
+            Self::Unauthorized => entry(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "Unauthorized"),
+            Self::AdminDisabled => entry(StatusCode::FORBIDDEN, "ADMIN_DISABLED", "Admin API disabled"),
+            Self::RouteNotFound => entry(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found"),
+            Self::PayloadTooLarge { .. } => entry(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "Payload too large"),
+            Self::NotReady(_) => entry(StatusCode::SERVICE_UNAVAILABLE, "NOT_READY", "Not ready"),
+        }
+    }
+
+    /// The problem document, without anything internal in it.
+    #[must_use]
+    pub fn problem(&self) -> Problem {
+        let Entry { status, code, title } = self.entry();
+        let detail = match self {
+            Self::Domain(DomainError::Unexpected(_)) => "the server failed to handle this request".to_owned(),
+            other => other.to_string(),
+        };
+        let field = match self {
+            Self::Validation { field, .. } => Some(field.clone()),
+            Self::Domain(DomainError::Invalid(v)) => Some(v.field.to_owned()),
+            _ => None,
+        };
+        let product_option_id = match self {
+            Self::Domain(DomainError::OutOfStock { option_id }) => Some(option_id.get()),
+            _ => None,
+        };
+        Problem {
+            kind: format!("https://shop.example.com/problems/{}", code.to_lowercase().replace('_', "-")),
+            title: title.to_owned(),
+            status: status.as_u16(),
+            detail,
+            code,
+            field,
+            product_option_id,
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.entry().status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let problem = self.problem();
+        if let Self::Domain(DomainError::Unexpected(cause)) = self {
+            // The client learns nothing internal; the log gets the whole chain.
+            let mut chain = cause.to_string();
+            let mut source = cause.source();
+            while let Some(s) = source {
+                chain.push_str(": ");
+                chain.push_str(&s.to_string());
+                source = s.source();
+            }
+            tracing::error!(error = %chain, "request failed unexpectedly");
+        }
+        let mut response = HttpResponse::build(self.status_code());
+        response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
+        if let Self::Domain(DomainError::LockTimeout { retry_after_secs }) = self {
+            response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+        }
+        if let Self::Domain(DomainError::WriteConflict) = self {
+            response.insert_header((header::RETRY_AFTER, "1"));
+        }
+        if let Self::Unauthorized = self {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        response.json(problem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shop_domain::ids::ProductOptionId;
+
+    #[test]
+    fn out_of_stock_names_the_option() {
+        let e = ApiError::from(DomainError::OutOfStock { option_id: ProductOptionId::new(7).unwrap() });
+        let p = e.problem();
+        assert_eq!((p.status, p.code, p.product_option_id), (409, "OUT_OF_STOCK", Some(7)));
+        assert_eq!(p.kind, "https://shop.example.com/problems/out-of-stock");
+    }
+
+    #[test]
+    fn unexpected_errors_hide_their_cause() {
+        let e = ApiError::from(DomainError::unexpected("password=hunter2 in connection string"));
+        let p = e.problem();
+        assert_eq!((p.status, p.code), (500, "INTERNAL_ERROR"));
+        assert!(!p.detail.contains("hunter2"));
+    }
+
+    #[test]
+    fn lock_timeout_sets_retry_after() {
+        let e = ApiError::from(DomainError::LockTimeout { retry_after_secs: 2 });
+        let r = e.error_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers().get(header::RETRY_AFTER).unwrap(), "2");
+        assert_eq!(r.headers().get(header::CONTENT_TYPE).unwrap(), "application/problem+json");
+    }
+}

@@ -1,0 +1,57 @@
+//! Liveness and readiness.
+
+use std::collections::BTreeMap;
+
+use actix_web::{HttpResponse, get, web};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::AppState;
+use crate::problem::{ApiError, Problem};
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthResponse {
+    /// `UP`.
+    #[schema(example = "UP")]
+    pub status: &'static str,
+    /// Each dependency asked, and its answer.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<&'static str, &'static str>,
+}
+
+/// The process is up.
+#[utoipa::path(tag = "health", responses((status = 200, description = "Up", body = HealthResponse)))]
+#[get("/health/live")]
+pub async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(HealthResponse { status: "UP", checks: BTreeMap::new() })
+}
+
+/// The database (and Redis, when configured) answer.
+#[utoipa::path(
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = HealthResponse),
+        (status = 503, description = "NOT_READY: a dependency does not answer", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[get("/health/ready")]
+pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let mut checks = BTreeMap::new();
+    let mut down = Vec::new();
+    for probe in &state.probes {
+        match probe.ping().await {
+            Ok(()) => {
+                checks.insert(probe.name(), "UP");
+            }
+            Err(e) => {
+                tracing::warn!(dependency = probe.name(), error = %e, "readiness check failed");
+                down.push(probe.name());
+            }
+        }
+    }
+    if down.is_empty() {
+        Ok(HttpResponse::Ok().json(HealthResponse { status: "UP", checks }))
+    } else {
+        Err(ApiError::NotReady(format!("{} did not answer", down.join(", "))))
+    }
+}

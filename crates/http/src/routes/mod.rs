@@ -1,0 +1,7 @@
+//! Handlers and their DTOs, one module per resource.
+
+pub mod admin;
+pub mod cart;
+pub mod health;
+pub mod products;
+pub mod users;

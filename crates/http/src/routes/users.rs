@@ -1,0 +1,115 @@
+//! `POST /api/v1/users`, the balance and its charge.
+
+use actix_web::{HttpResponse, get, post, web};
+use serde::{Deserialize, Serialize};
+use shop_domain::ids::UserId;
+use shop_domain::user::{ChargeAmount, User, UserName};
+use utoipa::ToSchema;
+use validator::Validate;
+
+use crate::AppState;
+use crate::extract::ValidJson;
+use crate::problem::{ApiError, Problem};
+
+#[derive(Debug, Deserialize, Validate, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateUserRequest {
+    /// 1..=50 characters; surrounding blanks are trimmed.
+    #[validate(length(min = 1, max = 50))]
+    #[schema(min_length = 1, max_length = 50, example = "kim")]
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserResponse {
+    #[schema(example = 1)]
+    pub id: i64,
+    #[schema(example = "kim")]
+    pub name: String,
+    /// Won.
+    #[schema(example = 0)]
+    pub balance: i64,
+}
+
+impl From<User> for UserResponse {
+    fn from(user: User) -> Self {
+        Self { id: user.id.get(), name: user.name, balance: user.balance.won() }
+    }
+}
+
+#[derive(Debug, Deserialize, Validate, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChargeRequest {
+    /// Won, 1..=10,000,000 per charge.
+    #[validate(range(min = 1, max = 10_000_000))]
+    #[schema(minimum = 1, maximum = 10_000_000, example = 10_000)]
+    pub amount: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BalanceResponse {
+    #[schema(example = 1)]
+    pub user_id: i64,
+    /// Won.
+    #[schema(example = 10_000)]
+    pub balance: i64,
+}
+
+/// Creates a user with a zero balance.
+#[utoipa::path(
+    tag = "users",
+    request_body = CreateUserRequest,
+    responses(
+        (status = 201, description = "The user", body = UserResponse),
+        (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[post("/api/v1/users")]
+pub async fn create_user(state: web::Data<AppState>, body: ValidJson<CreateUserRequest>) -> Result<HttpResponse, ApiError> {
+    let name = UserName::new(&body.0.name)?;
+    let user = state.users.create(name).await?;
+    Ok(HttpResponse::Created().json(UserResponse::from(user)))
+}
+
+/// The user's balance.
+#[utoipa::path(
+    tag = "users",
+    params(("userId" = i64, Path, minimum = 1, description = "User id")),
+    responses(
+        (status = 200, description = "The balance", body = BalanceResponse),
+        (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[get("/api/v1/users/{userId}/balance")]
+pub async fn get_balance(state: web::Data<AppState>, path: web::Path<i64>) -> Result<HttpResponse, ApiError> {
+    let id = UserId::new(path.into_inner())?;
+    let balance = state.users.balance(id).await?;
+    Ok(HttpResponse::Ok().json(BalanceResponse { user_id: id.get(), balance: balance.won() }))
+}
+
+/// Adds to the balance in one atomic update: concurrent charges never lose one another.
+#[utoipa::path(
+    tag = "users",
+    params(("userId" = i64, Path, minimum = 1, description = "User id")),
+    request_body = ChargeRequest,
+    responses(
+        (status = 200, description = "The new balance", body = BalanceResponse),
+        (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "BALANCE_LIMIT_EXCEEDED: the balance would pass 1,000,000,000,000", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[post("/api/v1/users/{userId}/balance/charge")]
+pub async fn charge_balance(
+    state: web::Data<AppState>,
+    path: web::Path<i64>,
+    body: ValidJson<ChargeRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let id = UserId::new(path.into_inner())?;
+    let amount = ChargeAmount::new(body.0.amount)?;
+    let balance = state.users.charge(id, amount).await?;
+    Ok(HttpResponse::Ok().json(BalanceResponse { user_id: id.get(), balance: balance.won() }))
+}

@@ -1,0 +1,13 @@
+//! SeaORM entities of the shop schema, one module per table (see the `shop-migrations` crate).
+//!
+//! Enum-like columns (`status`, `method`) are plain `String`s here; their allowed values are
+//! enforced by CHECK constraints in the database and mapped to domain enums by the adapters.
+
+pub mod cart;
+pub mod daily_popular_product;
+pub mod order;
+pub mod order_item;
+pub mod payment;
+pub mod product;
+pub mod product_option;
+pub mod user;

@@ -1,0 +1,3 @@
+//! SeaORM persistence adapters of the shop (PostgreSQL and SQLite).
+
+pub mod entity;

@@ -1,0 +1,24 @@
+//! SeaORM migrations of the shop schema.
+//!
+//! [`Migrator`] lists every migration in order; apply them with
+//! `Migrator::up(&db, None)` and roll them back with `Migrator::down(&db, None)`
+//! ([`MigratorTrait`] is re-exported so callers need no direct dependency on
+//! `sea-orm-migration`). Each migration is written with the portable schema
+//! builder and runs unchanged on PostgreSQL and SQLite, inside one transaction
+//! on both backends.
+
+pub use sea_orm_migration::MigratorTrait;
+use sea_orm_migration::prelude::*;
+
+mod m20261125_000001_initial_schema;
+
+/// The ordered list of the shop's schema migrations.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261125_000001_initial_schema::Migration)]
+    }
+}
