@@ -27,10 +27,7 @@ impl MigrationTrait for Migration {
                     .col(timestamp_with_time_zone(Users::CreatedAt))
                     .col(timestamp_with_time_zone(Users::UpdatedAt))
                     .col(timestamp_with_time_zone_null(Users::DeletedAt))
-                    .check((
-                        "ck_users_balance_non_negative",
-                        Expr::col(Users::Balance).gte(0),
-                    ))
+                    .check(("ck_users_balance_non_negative", Expr::col(Users::Balance).gte(0)))
                     .to_owned(),
             )
             .await?;
@@ -45,10 +42,7 @@ impl MigrationTrait for Migration {
                     .col(timestamp_with_time_zone(Products::CreatedAt))
                     .col(timestamp_with_time_zone(Products::UpdatedAt))
                     .col(timestamp_with_time_zone_null(Products::DeletedAt))
-                    .check((
-                        "ck_products_status",
-                        Expr::col(Products::Status).is_in(["ACTIVE", "INACTIVE"]),
-                    ))
+                    .check(("ck_products_status", Expr::col(Products::Status).is_in(["ACTIVE", "INACTIVE"])))
                     .to_owned(),
             )
             .await?;
@@ -66,14 +60,8 @@ impl MigrationTrait for Migration {
                     .col(timestamp_with_time_zone(ProductOptions::CreatedAt))
                     .col(timestamp_with_time_zone(ProductOptions::UpdatedAt))
                     .col(timestamp_with_time_zone_null(ProductOptions::DeletedAt))
-                    .check((
-                        "ck_product_options_price_non_negative",
-                        Expr::col(ProductOptions::Price).gte(0),
-                    ))
-                    .check((
-                        "ck_product_options_stock_non_negative",
-                        Expr::col(ProductOptions::Stock).gte(0),
-                    ))
+                    .check(("ck_product_options_price_non_negative", Expr::col(ProductOptions::Price).gte(0)))
+                    .check(("ck_product_options_stock_non_negative", Expr::col(ProductOptions::Stock).gte(0)))
                     .foreign_key(&mut restrict_fk(
                         "fk_product_options_product",
                         (ProductOptions::Table, ProductOptions::ProductId),
@@ -104,10 +92,7 @@ impl MigrationTrait for Migration {
                     .col(timestamp_with_time_zone(Orders::OrderedAt))
                     .col(timestamp_with_time_zone(Orders::UpdatedAt))
                     .col(timestamp_with_time_zone_null(Orders::DeletedAt))
-                    .check((
-                        "ck_orders_total_price_non_negative",
-                        Expr::col(Orders::TotalPrice).gte(0),
-                    ))
+                    .check(("ck_orders_total_price_non_negative", Expr::col(Orders::TotalPrice).gte(0)))
                     .check((
                         "ck_orders_status",
                         Expr::col(Orders::Status).is_in(["PENDING_PAYMENT", "PAID", "CANCELLED"]),
@@ -158,10 +143,7 @@ impl MigrationTrait for Migration {
                     .col(big_integer(OrderItems::TotalPriceAtOrder))
                     .col(timestamp_with_time_zone(OrderItems::CreatedAt))
                     .col(timestamp_with_time_zone_null(OrderItems::DeletedAt))
-                    .check((
-                        "ck_order_items_quantity_positive",
-                        Expr::col(OrderItems::Quantity).gt(0),
-                    ))
+                    .check(("ck_order_items_quantity_positive", Expr::col(OrderItems::Quantity).gt(0)))
                     .foreign_key(&mut restrict_fk(
                         "fk_order_items_order",
                         (OrderItems::Table, OrderItems::OrderId),
@@ -205,14 +187,8 @@ impl MigrationTrait for Migration {
                     .col(timestamp_with_time_zone(Payments::CreatedAt))
                     .col(timestamp_with_time_zone(Payments::UpdatedAt))
                     .col(timestamp_with_time_zone_null(Payments::DeletedAt))
-                    .check((
-                        "ck_payments_amount_non_negative",
-                        Expr::col(Payments::Amount).gte(0),
-                    ))
-                    .check((
-                        "ck_payments_method",
-                        Expr::col(Payments::Method).is_in(["BALANCE"]),
-                    ))
+                    .check(("ck_payments_amount_non_negative", Expr::col(Payments::Amount).gte(0)))
+                    .check(("ck_payments_method", Expr::col(Payments::Method).is_in(["BALANCE"])))
                     .check((
                         "ck_payments_status",
                         Expr::col(Payments::Status).is_in(["PENDING", "COMPLETED", "FAILED"]),
@@ -253,10 +229,7 @@ impl MigrationTrait for Migration {
                     .col(timestamp_with_time_zone(Carts::CreatedAt))
                     .col(timestamp_with_time_zone(Carts::UpdatedAt))
                     .col(timestamp_with_time_zone_null(Carts::DeletedAt))
-                    .check((
-                        "ck_carts_quantity_positive",
-                        Expr::col(Carts::Quantity).gt(0),
-                    ))
+                    .check(("ck_carts_quantity_positive", Expr::col(Carts::Quantity).gt(0)))
                     .foreign_key(&mut restrict_fk(
                         "fk_carts_user",
                         (Carts::Table, Carts::UserId),
@@ -306,10 +279,7 @@ impl MigrationTrait for Migration {
                     ))
                     .foreign_key(&mut restrict_fk(
                         "fk_daily_popular_products_product_option",
-                        (
-                            DailyPopularProducts::Table,
-                            DailyPopularProducts::ProductOptionId,
-                        ),
+                        (DailyPopularProducts::Table, DailyPopularProducts::ProductOptionId),
                         (ProductOptions::Table, ProductOptions::Id),
                     ))
                     .to_owned(),
@@ -366,32 +336,18 @@ impl MigrationTrait for Migration {
 }
 
 /// A named foreign key `from -> to` with `ON DELETE RESTRICT`.
-fn restrict_fk<FT, FC, TT, TC>(
-    name: &str,
-    from: (FT, FC),
-    to: (TT, TC),
-) -> ForeignKeyCreateStatement
+fn restrict_fk<FT, FC, TT, TC>(name: &str, from: (FT, FC), to: (TT, TC)) -> ForeignKeyCreateStatement
 where
     FT: IntoIden,
     FC: IntoIden,
     TT: IntoIden,
     TC: IntoIden,
 {
-    ForeignKey::create()
-        .name(name)
-        .from(from.0, from.1)
-        .to(to.0, to.1)
-        .on_delete(ForeignKeyAction::Restrict)
-        .to_owned()
+    ForeignKey::create().name(name).from(from.0, from.1).to(to.0, to.1).on_delete(ForeignKeyAction::Restrict).to_owned()
 }
 
-async fn drop_table<T: IntoIden + 'static>(
-    manager: &SchemaManager<'_>,
-    table: T,
-) -> Result<(), DbErr> {
-    manager
-        .drop_table(Table::drop().table(table).to_owned())
-        .await
+async fn drop_table<T: IntoIden + 'static>(manager: &SchemaManager<'_>, table: T) -> Result<(), DbErr> {
+    manager.drop_table(Table::drop().table(table).to_owned()).await
 }
 
 #[derive(DeriveIden)]

@@ -18,11 +18,7 @@ impl Money {
     /// # Errors
     /// [`InvalidValue`] for a negative amount.
     pub fn new(won: i64) -> Result<Self, InvalidValue> {
-        if won >= 0 {
-            Ok(Self(won))
-        } else {
-            Err(InvalidValue::new("amount", "must not be negative"))
-        }
+        if won >= 0 { Ok(Self(won)) } else { Err(InvalidValue::new("amount", "must not be negative")) }
     }
 
     #[must_use]
@@ -119,10 +115,7 @@ mod tests {
         let max = Money::new(i64::MAX).unwrap();
         assert_eq!(max.checked_add(Money::new(1).unwrap()), None);
         assert_eq!(max.checked_mul(Quantity::new(2).unwrap()), None);
-        assert_eq!(
-            Money::new(1500).unwrap().checked_mul(Quantity::new(3).unwrap()),
-            Some(Money::new(4500).unwrap())
-        );
+        assert_eq!(Money::new(1500).unwrap().checked_mul(Quantity::new(3).unwrap()), Some(Money::new(4500).unwrap()));
     }
 
     #[test]

@@ -15,7 +15,8 @@ impl PageRequest {
     /// # Errors
     /// [`InvalidValue`] for a page below 1, a page so far out its offset overflows, or a size outside `1..=100`.
     pub fn new(page: i64, size: i64) -> Result<Self, InvalidValue> {
-        let page = u64::try_from(page).ok().filter(|p| *p >= 1).ok_or(InvalidValue::new("page", "must be at least 1"))?;
+        let page =
+            u64::try_from(page).ok().filter(|p| *p >= 1).ok_or(InvalidValue::new("page", "must be at least 1"))?;
         let size = u64::try_from(size)
             .ok()
             .filter(|s| (1..=Self::MAX_SIZE).contains(s))

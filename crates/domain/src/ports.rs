@@ -72,7 +72,13 @@ pub trait UserRepository: Send + Sync {
     /// # Errors
     /// [`DomainError::UserNotFound`]; [`DomainError::BalanceLimitExceeded`] when the new balance would pass
     /// `limit` (the balance is then unchanged).
-    async fn charge(&self, id: UserId, amount: ChargeAmount, limit: Money, now: DateTime<Utc>) -> Result<Money, DomainError>;
+    async fn charge(
+        &self,
+        id: UserId,
+        amount: ChargeAmount,
+        limit: Money,
+        now: DateTime<Utc>,
+    ) -> Result<Money, DomainError>;
 }
 
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
@@ -91,7 +97,12 @@ pub trait ProductRepository: Send + Sync {
     ///
     /// # Errors
     /// [`DomainError::ProductOptionNotFound`] for an unknown option or one of a soft-deleted product.
-    async fn set_stock(&self, id: ProductOptionId, stock: Stock, now: DateTime<Utc>) -> Result<ProductOption, DomainError>;
+    async fn set_stock(
+        &self,
+        id: ProductOptionId,
+        stock: Stock,
+        now: DateTime<Utc>,
+    ) -> Result<ProductOption, DomainError>;
 
     /// Products ranked by units sold in paid orders over `range`, best first, ties by product id; soft-deleted
     /// products are left out.

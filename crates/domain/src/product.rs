@@ -112,7 +112,8 @@ impl NewOption {
             .ok()
             .filter(|p| *p <= Money::MAX_PRICE)
             .ok_or(InvalidValue::new("options[].price", "must be between 0 and 1000000000"))?;
-        let stock = Stock::new(stock).map_err(|_| InvalidValue::new("options[].stock", "must be between 0 and 1000000000"))?;
+        let stock =
+            Stock::new(stock).map_err(|_| InvalidValue::new("options[].stock", "must be between 0 and 1000000000"))?;
         Ok(Self { name, price, stock })
     }
 
@@ -200,7 +201,12 @@ mod tests {
 
     #[test]
     fn only_active_products_are_on_sale() {
-        let mut p = Product { id: ProductId::new(1).unwrap(), name: "shirt".into(), status: ProductStatus::Active, options: vec![] };
+        let mut p = Product {
+            id: ProductId::new(1).unwrap(),
+            name: "shirt".into(),
+            status: ProductStatus::Active,
+            options: vec![],
+        };
         assert!(p.ensure_on_sale().is_ok());
         p.status = ProductStatus::Inactive;
         assert!(matches!(p.ensure_on_sale(), Err(DomainError::ProductNotOnSale { .. })));
@@ -220,8 +226,13 @@ mod tests {
         assert!(NewProduct::new("shirt", ProductStatus::Active, vec![opt("S"), opt("M")]).is_ok());
         assert_eq!(NewProduct::new(" ", ProductStatus::Active, vec![opt("S")]).unwrap_err().field, "name");
         assert_eq!(NewProduct::new("shirt", ProductStatus::Active, vec![]).unwrap_err().field, "options");
-        assert_eq!(NewProduct::new("shirt", ProductStatus::Active, vec![opt("S"), opt("S")]).unwrap_err().field, "options");
-        assert!(NewProduct::new("shirt", ProductStatus::Active, (0..51).map(|i| opt(&i.to_string())).collect()).is_err());
+        assert_eq!(
+            NewProduct::new("shirt", ProductStatus::Active, vec![opt("S"), opt("S")]).unwrap_err().field,
+            "options"
+        );
+        assert!(
+            NewProduct::new("shirt", ProductStatus::Active, (0..51).map(|i| opt(&i.to_string())).collect()).is_err()
+        );
     }
 
     #[test]

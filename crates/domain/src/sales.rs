@@ -34,7 +34,11 @@ impl DateRange {
     ///
     /// # Errors
     /// As [`DateRange::new`].
-    pub fn with_defaults(from: Option<NaiveDate>, to: Option<NaiveDate>, today: NaiveDate) -> Result<Self, InvalidValue> {
+    pub fn with_defaults(
+        from: Option<NaiveDate>,
+        to: Option<NaiveDate>,
+        today: NaiveDate,
+    ) -> Result<Self, InvalidValue> {
         let back = Days::new(Self::DEFAULT_DAYS - 1);
         let (from, to) = match (from, to) {
             (Some(from), Some(to)) => (from, to),

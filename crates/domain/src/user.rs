@@ -79,10 +79,10 @@ impl User {
     /// # Errors
     /// [`DomainError::InsufficientBalance`] when the balance is smaller than `amount`.
     pub fn spend(&mut self, amount: Money) -> Result<Money, DomainError> {
-        let next = self.balance.checked_sub(amount).ok_or(DomainError::InsufficientBalance {
-            balance: self.balance,
-            required: amount,
-        })?;
+        let next = self
+            .balance
+            .checked_sub(amount)
+            .ok_or(DomainError::InsufficientBalance { balance: self.balance, required: amount })?;
         self.balance = next;
         Ok(next)
     }

@@ -55,6 +55,26 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
+/// A query string that deserialized, naming the parameter at fault (`page: invalid digit found in string`).
+#[derive(Debug)]
+pub struct ValidQuery<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest for ValidQuery<T> {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(req.query_string().as_bytes()));
+        std::future::ready(serde_path_to_error::deserialize(de).map(Self).map_err(|e| {
+            let field = match e.path().to_string() {
+                path if path == "." => "query".to_owned(),
+                path => path,
+            };
+            ApiError::Validation { detail: format!("{field}: {}", e.into_inner()), field }
+        }))
+    }
+}
+
 /// Proof that the request carries the configured admin token.
 #[derive(Debug)]
 pub struct Admin;

@@ -120,18 +120,14 @@ pub fn openapi_json() -> String {
 
 /// Bad paths and queries answer problem documents, like bad bodies.
 fn extractor_configs(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::PathConfig::default().error_handler(|err, _| {
-        ApiError::Validation { field: "path".into(), detail: format!("path: {err}") }.into()
-    }))
-    .app_data(web::QueryConfig::default().error_handler(|err, _| {
-        let detail = err.to_string();
-        let field = detail
-            .split('`')
-            .nth(1)
-            .filter(|_| detail.contains("field"))
-            .unwrap_or("query")
-            .to_owned();
-        ApiError::Validation { field, detail: format!("query: {detail}") }.into()
+    cfg.app_data(web::PathConfig::default().error_handler(|_, req| {
+        // Every path parameter is an id: name the first one that is not an integer.
+        let field = req
+            .match_info()
+            .iter()
+            .find(|(_, value)| value.parse::<i64>().is_err())
+            .map_or_else(|| "path".to_owned(), |(name, _)| name.to_owned());
+        ApiError::Validation { detail: format!("{field}: must be a positive integer"), field }.into()
     }))
     .app_data(web::PayloadConfig::new(extract::MAX_BODY_BYTES));
 }

@@ -40,7 +40,7 @@ pub enum ApiError {
     #[error(transparent)]
     Domain(#[from] DomainError),
     /// A body, path or query that does not parse or breaks a rule; names the field.
-    #[error("{field}: {detail}")]
+    #[error("{detail}")]
     Validation { field: String, detail: String },
     #[error("missing or wrong admin token")]
     Unauthorized,
@@ -73,12 +73,12 @@ fn first_violation(errors: &validator::ValidationErrors, prefix: &str) -> (Strin
     let mut fields: Vec<_> = errors.errors().iter().collect();
     fields.sort_by_key(|(name, _)| name.to_string());
     for (name, kind) in fields {
-        let path = if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+        let name = camel_case(name);
+        let path = if prefix.is_empty() { name } else { format!("{prefix}.{name}") };
         match kind {
             Kind::Field(list) => {
                 if let Some(e) = list.first() {
-                    let message = e.message.as_ref().map_or_else(|| e.code.to_string(), ToString::to_string);
-                    return (path.clone(), format!("{path}: {message}"));
+                    return (path.clone(), format!("{path}: {}", describe(e)));
                 }
             }
             Kind::Struct(inner) => return first_violation(inner, &path),
@@ -90,6 +90,42 @@ fn first_violation(errors: &validator::ValidationErrors, prefix: &str) -> (Strin
         }
     }
     ("body".to_owned(), "body: invalid".to_owned())
+}
+
+/// validator names Rust fields; clients know the JSON (camelCase) names.
+fn camel_case(snake: &str) -> String {
+    let mut out = String::with_capacity(snake.len());
+    let mut upper = false;
+    for c in snake.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// "must be between 1 and 1000" rather than validator's bare rule code.
+fn describe(e: &validator::ValidationError) -> String {
+    if let Some(message) = &e.message {
+        return message.to_string();
+    }
+    let param = |k: &str| e.params.get(k).map(ToString::to_string);
+    let bounds = match (param("min"), param("max")) {
+        (Some(min), Some(max)) => format!("between {min} and {max}"),
+        (Some(min), None) => format!("at least {min}"),
+        (None, Some(max)) => format!("at most {max}"),
+        (None, None) => String::new(),
+    };
+    match e.code.as_ref() {
+        "range" => format!("must be {bounds}"),
+        "length" => format!("length must be {bounds}"),
+        code => format!("breaks the rule `{code}`"),
+    }
 }
 
 struct Entry {
@@ -140,7 +176,9 @@ impl ApiError {
             Self::Unauthorized => entry(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "Unauthorized"),
             Self::AdminDisabled => entry(StatusCode::FORBIDDEN, "ADMIN_DISABLED", "Admin API disabled"),
             Self::RouteNotFound => entry(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found"),
-            Self::PayloadTooLarge { .. } => entry(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "Payload too large"),
+            Self::PayloadTooLarge { .. } => {
+                entry(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "Payload too large")
+            }
             Self::NotReady(_) => entry(StatusCode::SERVICE_UNAVAILABLE, "NOT_READY", "Not ready"),
         }
     }
@@ -218,6 +256,27 @@ mod tests {
         let p = e.problem();
         assert_eq!((p.status, p.code, p.product_option_id), (409, "OUT_OF_STOCK", Some(7)));
         assert_eq!(p.kind, "https://shop.example.com/problems/out-of-stock");
+    }
+
+    #[test]
+    fn validator_errors_name_the_json_field_and_the_rule() {
+        use validator::Validate;
+        #[derive(Validate, serde::Serialize)]
+        struct Line {
+            #[validate(range(min = 1, max = 1000))]
+            quantity_ordered: i64,
+        }
+        #[derive(Validate)]
+        struct Body {
+            #[validate(nested)]
+            order_lines: Vec<Line>,
+        }
+        let body = Body { order_lines: vec![Line { quantity_ordered: 1 }, Line { quantity_ordered: 0 }] };
+        let ApiError::Validation { field, detail } = ApiError::from(body.validate().unwrap_err()) else {
+            panic!("a validation error")
+        };
+        assert_eq!(field, "orderLines[1].quantityOrdered");
+        assert_eq!(detail, "orderLines[1].quantityOrdered: must be between 1 and 1000");
     }
 
     #[test]

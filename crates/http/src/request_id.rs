@@ -2,11 +2,11 @@
 
 use std::time::Instant;
 
+use actix_web::HttpMessage;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::HttpMessage;
 use tracing::Instrument;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -22,7 +22,7 @@ fn sane(id: &str) -> bool {
 /// Middleware: tags the request with its id, logs its outcome, and stamps the id on the response.
 ///
 /// # Errors
-/// Never: an error from the inner service is turned into its response so that it gets the header too.
+/// Only what the inner service itself fails with; handler errors arrive here as problem responses.
 pub async fn middleware(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -36,11 +36,8 @@ pub async fn middleware(
     req.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!("request", method = %req.method(), path = %req.path(), request_id = %id);
     let started = Instant::now();
-    let http_req = req.request().clone();
-    let mut res = match next.call(req).instrument(span.clone()).await {
-        Ok(res) => res.map_into_boxed_body(),
-        Err(err) => ServiceResponse::from_err(err, http_req),
-    };
+    // Handlers and extractors answer their errors as responses, so an `Err` here is actix's own failure.
+    let mut res = next.call(req).instrument(span.clone()).await?.map_into_boxed_body();
     if let Ok(value) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(X_REQUEST_ID, value);
     }

@@ -1,3 +1,29 @@
-//! SeaORM persistence adapters of the shop (PostgreSQL and SQLite).
+//! The persistence adapter: SeaORM implementations of the domain's repository, unit-of-work and probe ports,
+//! one code path for PostgreSQL and SQLite.
+//!
+//! SeaORM models never leave this crate: every adapter converts rows into domain types. It depends on
+//! `shop-domain` and `shop-migrations`, never on HTTP or Redis.
+//!
+//! - [`db`]: connecting (SQLite in WAL mode with a busy timeout) and migrating.
+//! - [`users`], [`products`], [`carts`]: the repositories.
+//! - [`uow`]: the unit of work and its transaction.
+//! - [`probe`]: the readiness probe.
+//! - [`seed`]: the demo data of an empty embedded database.
+//! - [`entity`]: the SeaORM entities.
 
+pub mod carts;
+pub mod db;
 pub mod entity;
+mod error;
+pub mod probe;
+pub mod products;
+pub mod seed;
+pub mod uow;
+pub mod users;
+
+pub use carts::SeaCartRepository;
+pub use db::{PoolSettings, connect, migrate, supports_row_locks};
+pub use probe::DatabaseProbe;
+pub use products::SeaProductRepository;
+pub use uow::SeaUnitOfWork;
+pub use users::SeaUserRepository;

@@ -13,8 +13,8 @@ use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use futures::FutureExt;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::NotSet, ActiveValue::Set, ColumnTrait, ConnectOptions,
-    ConnectionTrait, Database, DatabaseConnection, DbErr, EntityTrait, QueryFilter, SqlErr,
+    ActiveModelTrait, ActiveValue::NotSet, ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database,
+    DatabaseConnection, DbErr, EntityTrait, QueryFilter, SqlErr,
 };
 use shop_migrations::{Migrator, MigratorTrait};
 use shop_persistence::entity::{cart, daily_popular_product, product, product_option, user};
@@ -24,18 +24,13 @@ const PG_BASE_URL: &str = "postgres://postgres@127.0.0.1:5432";
 
 async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(url);
-    options
-        .max_connections(2)
-        .connect_timeout(Duration::from_secs(5))
-        .sqlx_logging(false);
+    options.max_connections(2).connect_timeout(Duration::from_secs(5)).sqlx_logging(false);
     Database::connect(options).await
 }
 
 /// A fixed instant with whole seconds, so it round-trips exactly through both backends.
 fn at(hour: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 11, 25, hour, 0, 0)
-        .single()
-        .expect("valid fixed timestamp")
+    Utc.with_ymd_and_hms(2026, 11, 25, hour, 0, 0).single().expect("valid fixed timestamp")
 }
 
 async fn insert_user(db: &DatabaseConnection, name: &str, balance: i64) -> user::Model {
@@ -82,10 +77,7 @@ fn cart_line(user_id: i64, product_option_id: i64) -> cart::ActiveModel {
 fn assert_violates(result: Result<impl std::fmt::Debug, DbErr>, constraint: &str) {
     match result {
         Ok(value) => panic!("expected a violation of {constraint}, got Ok({value:?})"),
-        Err(err) => assert!(
-            err.to_string().contains(constraint),
-            "expected a violation of {constraint}, got: {err}"
-        ),
+        Err(err) => assert!(err.to_string().contains(constraint), "expected a violation of {constraint}, got: {err}"),
     }
 }
 
@@ -94,22 +86,14 @@ fn assert_violates(result: Result<impl std::fmt::Debug, DbErr>, constraint: &str
 async fn exercise_schema(db: &DatabaseConnection) {
     Migrator::up(db, None).await.expect("migrations up");
     assert!(
-        Migrator::get_pending_migrations(db)
-            .await
-            .expect("pending migrations")
-            .is_empty(),
+        Migrator::get_pending_migrations(db).await.expect("pending migrations").is_empty(),
         "every migration applied"
     );
 
     // Ids auto-increment.
     let alice = insert_user(db, "alice", 100).await;
     let bob = insert_user(db, "bob", 0).await;
-    assert!(
-        alice.id > 0 && bob.id > alice.id,
-        "ids {} then {}",
-        alice.id,
-        bob.id
-    );
+    assert!(alice.id > 0 && bob.id > alice.id, "ids {} then {}", alice.id, bob.id);
 
     // CHECK (balance >= 0): an update making the balance negative fails and changes nothing.
     let negative = user::Entity::update_many()
@@ -119,15 +103,8 @@ async fn exercise_schema(db: &DatabaseConnection) {
         .await
         .map(|r| r.rows_affected);
     assert_violates(negative, "ck_users_balance_non_negative");
-    let reloaded = user::Entity::find_by_id(alice.id)
-        .one(db)
-        .await
-        .expect("select user")
-        .expect("alice exists");
-    assert_eq!(
-        reloaded, alice,
-        "row unchanged and round-trips through the entity"
-    );
+    let reloaded = user::Entity::find_by_id(alice.id).one(db).await.expect("select user").expect("alice exists");
+    assert_eq!(reloaded, alice, "row unchanged and round-trips through the entity");
 
     // Catalogue; CHECK (stock >= 0) and the status CHECK.
     let shirt = product::ActiveModel {
@@ -152,26 +129,14 @@ async fn exercise_schema(db: &DatabaseConnection) {
     .insert(db)
     .await;
     assert_violates(bad_status, "ck_products_status");
-    let large_red = option_model(shirt.id, 5)
-        .insert(db)
-        .await
-        .expect("insert option");
-    assert_violates(
-        option_model(shirt.id, -1).insert(db).await,
-        "ck_product_options_stock_non_negative",
-    );
+    let large_red = option_model(shirt.id, 5).insert(db).await.expect("insert option");
+    assert_violates(option_model(shirt.id, -1).insert(db).await, "ck_product_options_stock_non_negative");
 
     // Partial unique index: one live cart line per (user, option); soft-deleted ones don't count.
-    let line = cart_line(alice.id, large_red.id)
-        .insert(db)
-        .await
-        .expect("insert cart line");
+    let line = cart_line(alice.id, large_red.id).insert(db).await.expect("insert cart line");
     let duplicate = cart_line(alice.id, large_red.id).insert(db).await;
     assert!(
-        matches!(
-            duplicate.as_ref().map_err(DbErr::sql_err),
-            Err(Some(SqlErr::UniqueConstraintViolation(_)))
-        ),
+        matches!(duplicate.as_ref().map_err(DbErr::sql_err), Err(Some(SqlErr::UniqueConstraintViolation(_)))),
         "second live line rejected: {duplicate:?}"
     );
     cart::Entity::update_many()
@@ -180,10 +145,7 @@ async fn exercise_schema(db: &DatabaseConnection) {
         .exec(db)
         .await
         .expect("soft-delete cart line");
-    cart_line(alice.id, large_red.id)
-        .insert(db)
-        .await
-        .expect("a new live line after the soft delete");
+    cart_line(alice.id, large_red.id).insert(db).await.expect("a new live line after the soft delete");
 
     // Foreign keys: ON DELETE RESTRICT, and no dangling reference on insert.
     // Trap: SQLite reports a RESTRICT violation as SQLITE_CONSTRAINT_TRIGGER (1811), which
@@ -195,10 +157,7 @@ async fn exercise_schema(db: &DatabaseConnection) {
     );
     let dangling = cart_line(bob.id, large_red.id + 1_000).insert(db).await;
     assert!(
-        matches!(
-            dangling.as_ref().map_err(DbErr::sql_err),
-            Err(Some(SqlErr::ForeignKeyConstraintViolation(_)))
-        ),
+        matches!(dangling.as_ref().map_err(DbErr::sql_err), Err(Some(SqlErr::ForeignKeyConstraintViolation(_)))),
         "cart line of a missing option rejected: {dangling:?}"
     );
 
@@ -216,22 +175,14 @@ async fn exercise_schema(db: &DatabaseConnection) {
     assert_eq!((inserted.sold_date, inserted.updated_at), (day, at(12)));
     let second = sales.insert(db).await;
     assert!(
-        matches!(
-            second.as_ref().map_err(DbErr::sql_err),
-            Err(Some(SqlErr::UniqueConstraintViolation(_)))
-        ),
+        matches!(second.as_ref().map_err(DbErr::sql_err), Err(Some(SqlErr::UniqueConstraintViolation(_)))),
         "one row per day and option: {second:?}"
     );
 
     Migrator::down(db, None).await.expect("migrations down");
-    assert!(
-        user::Entity::find().one(db).await.is_err(),
-        "users table dropped by down"
-    );
+    assert!(user::Entity::find().one(db).await.is_err(), "users table dropped by down");
     Migrator::up(db, None).await.expect("migrations up again");
-    Migrator::down(db, None)
-        .await
-        .expect("migrations down again");
+    Migrator::down(db, None).await.expect("migrations down again");
 }
 
 #[tokio::test]
@@ -257,20 +208,12 @@ async fn migrations_up_and_down_on_postgres() {
         Err(err) => panic!("PostgreSQL is required when CI is set: {PG_ADMIN_URL}: {err}"),
     };
 
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_nanos();
     let name = format!("shop_test_mig_{nanos}_{}", std::process::id());
-    admin
-        .execute_unprepared(&format!(r#"CREATE DATABASE "{name}""#))
-        .await
-        .expect("create test database");
+    admin.execute_unprepared(&format!(r#"CREATE DATABASE "{name}""#)).await.expect("create test database");
 
     let outcome = AssertUnwindSafe(async {
-        let db = connect(&format!("{PG_BASE_URL}/{name}"))
-            .await
-            .expect("connect to test database");
+        let db = connect(&format!("{PG_BASE_URL}/{name}")).await.expect("connect to test database");
         exercise_schema(&db).await;
         db.close().await.expect("close test database");
     })
@@ -278,10 +221,7 @@ async fn migrations_up_and_down_on_postgres() {
     .await;
 
     // Drop the database whatever happened, then report the test's own failure if any.
-    admin
-        .execute_unprepared(&format!(r#"DROP DATABASE "{name}" WITH (FORCE)"#))
-        .await
-        .expect("drop test database");
+    admin.execute_unprepared(&format!(r#"DROP DATABASE "{name}" WITH (FORCE)"#)).await.expect("drop test database");
     admin.close().await.expect("close admin connection");
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);

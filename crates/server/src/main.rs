@@ -1,1 +1,64 @@
-fn main() {}
+//! `shop-server`: serves the API (default), applies migrations (`migrate`) or prints the OpenAPI document
+//! (`openapi`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shop_server::{Application, Settings, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(name = "shop-server", version, about = "The shop's REST API")]
+struct Cli {
+    /// A TOML file of settings; `SHOP_*` environment variables override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print the OpenAPI document (what `openapi/openapi.json` holds) and exit.
+    Openapi,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Openapi = command {
+        print!("{}", shop_http::openapi_json());
+        return ExitCode::SUCCESS;
+    }
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("shop-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(settings.log_format);
+    tracing::debug!(?settings, "settings");
+    let result = match command {
+        Command::Migrate => shop_server::connect_and_migrate(&settings).await.map(|_| {
+            tracing::info!("migrations applied");
+        }),
+        Command::Serve | Command::Openapi => match Application::build(settings).await {
+            Ok(app) => app.run_until_stopped().await.map_err(shop_server::StartupError::Serve),
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "shop-server failed");
+            eprintln!("shop-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -45,7 +45,12 @@ impl CartService {
     /// # Errors
     /// [`DomainError::UserNotFound`], [`DomainError::ProductOptionNotFound`],
     /// [`DomainError::CartQuantityLimitExceeded`].
-    pub async fn add(&self, user_id: UserId, option_id: ProductOptionId, quantity: Quantity) -> Result<CartItem, DomainError> {
+    pub async fn add(
+        &self,
+        user_id: UserId,
+        option_id: ProductOptionId,
+        quantity: Quantity,
+    ) -> Result<CartItem, DomainError> {
         let mut tx = self.uow.begin().await?;
         if !tx.user_exists(user_id).await? {
             return Err(DomainError::UserNotFound(user_id));
@@ -82,7 +87,9 @@ mod tests {
     use super::*;
     use crate::ids::ProductId;
     use crate::money::{Money, Stock};
-    use crate::ports::{MockCartRepository, MockClock, MockTransaction, MockUnitOfWork, MockUserRepository, Transaction};
+    use crate::ports::{
+        MockCartRepository, MockClock, MockTransaction, MockUnitOfWork, MockUserRepository, Transaction,
+    };
     use crate::product::ProductOption;
     use crate::user::User;
     use chrono::Utc;
@@ -103,7 +110,9 @@ mod tests {
 
     fn users(exists: bool) -> Arc<MockUserRepository> {
         let mut users = MockUserRepository::new();
-        users.expect_find().returning(move |id| Ok(exists.then(|| User { id, name: "kim".into(), balance: Money::ZERO })));
+        users
+            .expect_find()
+            .returning(move |id| Ok(exists.then(|| User { id, name: "kim".into(), balance: Money::ZERO })));
         Arc::new(users)
     }
 
@@ -197,7 +206,12 @@ mod tests {
 
     #[tokio::test]
     async fn list_of_an_unknown_user_is_not_found() {
-        let svc = CartService::new(Arc::new(MockCartRepository::new()), users(false), Arc::new(MockUnitOfWork::new()), clock());
+        let svc = CartService::new(
+            Arc::new(MockCartRepository::new()),
+            users(false),
+            Arc::new(MockUnitOfWork::new()),
+            clock(),
+        );
         assert!(matches!(svc.list(uid()).await, Err(DomainError::UserNotFound(_))));
     }
 

@@ -110,11 +110,14 @@ mod tests {
     async fn popular_defaults_to_the_last_three_days_of_the_clock() {
         let mut repo = MockProductRepository::new();
         repo.expect_popular()
-            .withf(|range, limit| range.from() == day("2026-11-23") && range.to() == day("2026-11-25") && limit.get() == 5)
+            .withf(|range, limit| {
+                range.from() == day("2026-11-23") && range.to() == day("2026-11-25") && limit.get() == 5
+            })
             .returning(|_, _| {
                 Ok(vec![PopularProduct { rank: 1, product_id: pid(2), name: "shirt".into(), total_sold: 9 }])
             });
-        let ranking = CatalogService::new(Arc::new(repo), clock()).popular(None, None, RankingLimit::DEFAULT).await.unwrap();
+        let ranking =
+            CatalogService::new(Arc::new(repo), clock()).popular(None, None, RankingLimit::DEFAULT).await.unwrap();
         assert_eq!(ranking.range.from(), day("2026-11-23"));
         assert_eq!(ranking.items.len(), 1);
     }
@@ -132,9 +135,9 @@ mod tests {
     #[tokio::test]
     async fn create_hands_the_validated_product_to_the_store() {
         let mut repo = MockProductRepository::new();
-        repo.expect_create().withf(|p, _| p.name() == "shirt" && p.options().len() == 2).returning(|p, _| {
-            Ok(Product { id: pid(1), name: p.name().into(), status: p.status(), options: vec![] })
-        });
+        repo.expect_create()
+            .withf(|p, _| p.name() == "shirt" && p.options().len() == 2)
+            .returning(|p, _| Ok(Product { id: pid(1), name: p.name().into(), status: p.status(), options: vec![] }));
         let new = NewProduct::new(
             "shirt",
             ProductStatus::Active,

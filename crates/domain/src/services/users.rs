@@ -84,8 +84,7 @@ mod tests {
     #[tokio::test]
     async fn balance_reads_the_user() {
         let mut repo = MockUserRepository::new();
-        repo.expect_find()
-            .returning(|id| Ok(Some(User { id, name: "kim".into(), balance: Money::new(500).unwrap() })));
+        repo.expect_find().returning(|id| Ok(Some(User { id, name: "kim".into(), balance: Money::new(500).unwrap() })));
         let balance = UserService::new(Arc::new(repo), clock()).balance(uid(1)).await.unwrap();
         assert_eq!(balance.won(), 500);
     }
@@ -94,7 +93,9 @@ mod tests {
     async fn charge_passes_the_balance_limit_to_the_atomic_update() {
         let mut repo = MockUserRepository::new();
         repo.expect_charge()
-            .withf(|id, amount, limit, _| *id == uid(1) && amount.money().won() == 1000 && *limit == User::BALANCE_LIMIT)
+            .withf(|id, amount, limit, _| {
+                *id == uid(1) && amount.money().won() == 1000 && *limit == User::BALANCE_LIMIT
+            })
             .returning(|_, _, _, _| Ok(Money::new(1000).unwrap()));
         let svc = UserService::new(Arc::new(repo), clock());
         assert_eq!(svc.charge(uid(1), ChargeAmount::new(1000).unwrap()).await.unwrap().won(), 1000);
@@ -104,7 +105,8 @@ mod tests {
     async fn charge_errors_pass_through() {
         let mut repo = MockUserRepository::new();
         repo.expect_charge().returning(|_, _, limit, _| Err(DomainError::BalanceLimitExceeded { limit }));
-        let err = UserService::new(Arc::new(repo), clock()).charge(uid(1), ChargeAmount::new(1).unwrap()).await.unwrap_err();
+        let err =
+            UserService::new(Arc::new(repo), clock()).charge(uid(1), ChargeAmount::new(1).unwrap()).await.unwrap_err();
         assert!(matches!(err, DomainError::BalanceLimitExceeded { .. }));
     }
 }

@@ -78,11 +78,8 @@ pub async fn create_product(
     body: ValidJson<CreateProductRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.0;
-    let options = body
-        .options
-        .iter()
-        .map(|o| NewOption::new(&o.name, o.price, o.stock))
-        .collect::<Result<Vec<_>, _>>()?;
+    let options =
+        body.options.iter().map(|o| NewOption::new(&o.name, o.price, o.stock)).collect::<Result<Vec<_>, _>>()?;
     let status = match body.status {
         None | Some(ProductStatusDto::Active) => ProductStatus::Active,
         Some(ProductStatusDto::Inactive) => ProductStatus::Inactive,

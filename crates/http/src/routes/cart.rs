@@ -119,7 +119,10 @@ pub async fn add_cart_item(
     )
 )]
 #[delete("/api/v1/users/{userId}/cart/items/{cartItemId}")]
-pub async fn delete_cart_item(state: web::Data<AppState>, path: web::Path<(i64, i64)>) -> Result<HttpResponse, ApiError> {
+pub async fn delete_cart_item(
+    state: web::Data<AppState>,
+    path: web::Path<(i64, i64)>,
+) -> Result<HttpResponse, ApiError> {
     let (user, item) = path.into_inner();
     let user = UserId::new(user)?;
     let item = CartItemId::new(item)?;

@@ -10,6 +10,7 @@ use shop_domain::sales::{PopularProduct, RankingLimit};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
+use crate::extract::ValidQuery;
 use crate::problem::{ApiError, Problem};
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -30,7 +31,13 @@ pub struct OptionResponse {
 
 impl From<ProductOption> for OptionResponse {
     fn from(o: ProductOption) -> Self {
-        Self { id: o.id.get(), product_id: o.product_id.get(), name: o.name, price: o.price.won(), stock: o.stock.get() }
+        Self {
+            id: o.id.get(),
+            product_id: o.product_id.get(),
+            name: o.name,
+            price: o.price.won(),
+            stock: o.stock.get(),
+        }
     }
 }
 
@@ -99,7 +106,10 @@ impl PageQuery {
     )
 )]
 #[get("/api/v1/products")]
-pub async fn list_products(state: web::Data<AppState>, query: web::Query<PageQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn list_products(
+    state: web::Data<AppState>,
+    ValidQuery(query): ValidQuery<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
     let page = state.catalog.list(query.parse()?).await?;
     Ok(HttpResponse::Ok().json(ProductPage {
         items: page.items.into_iter().map(ProductResponse::from).collect(),
@@ -163,7 +173,10 @@ pub struct PopularResponse {
     )
 )]
 #[get("/api/v1/products/popular")]
-pub async fn popular_products(state: web::Data<AppState>, query: web::Query<PopularQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn popular_products(
+    state: web::Data<AppState>,
+    ValidQuery(query): ValidQuery<PopularQuery>,
+) -> Result<HttpResponse, ApiError> {
     let limit = query.limit.map(RankingLimit::new).transpose()?.unwrap_or(RankingLimit::DEFAULT);
     let ranking = state.catalog.popular(query.from, query.to, limit).await?;
     Ok(HttpResponse::Ok().json(PopularResponse {

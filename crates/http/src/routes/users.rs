@@ -67,7 +67,10 @@ pub struct BalanceResponse {
     )
 )]
 #[post("/api/v1/users")]
-pub async fn create_user(state: web::Data<AppState>, body: ValidJson<CreateUserRequest>) -> Result<HttpResponse, ApiError> {
+pub async fn create_user(
+    state: web::Data<AppState>,
+    body: ValidJson<CreateUserRequest>,
+) -> Result<HttpResponse, ApiError> {
     let name = UserName::new(&body.0.name)?;
     let user = state.users.create(name).await?;
     Ok(HttpResponse::Created().json(UserResponse::from(user)))

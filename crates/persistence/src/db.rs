@@ -1,0 +1,59 @@
+//! Connecting to PostgreSQL or SQLite, and running the migrations.
+
+use std::time::Duration;
+
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, DbErr};
+use shop_migrations::{Migrator, MigratorTrait};
+
+/// How the pool is sized and how long a request may wait for a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    /// A request that cannot get a connection in this time fails instead of queueing forever.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self { max_connections: 16, acquire_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Opens a pool. SQLite gets WAL and a busy timeout so that writers on several connections queue instead of
+/// failing with "database is locked", and enforced foreign keys.
+///
+/// # Errors
+/// The driver's error when the database cannot be reached or opened.
+pub async fn connect(url: &str, pool: PoolSettings) -> Result<DatabaseConnection, DbErr> {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(pool.max_connections)
+        .min_connections(1)
+        .acquire_timeout(pool.acquire_timeout)
+        .sqlx_logging(false);
+    if url.starts_with("sqlite:") {
+        options.map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(30))
+                .foreign_keys(true)
+                .create_if_missing(true)
+        });
+    }
+    Database::connect(options).await
+}
+
+/// Applies every pending migration.
+///
+/// # Errors
+/// The migration's error; nothing of a failed migration is kept (each runs in a transaction).
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
+    Migrator::up(db, None).await
+}
+
+/// Whether the store can lock rows (`SELECT ... FOR UPDATE`): PostgreSQL can, SQLite silently cannot.
+#[must_use]
+pub fn supports_row_locks(db: &DatabaseConnection) -> bool {
+    matches!(db.get_database_backend(), DbBackend::Postgres)
+}

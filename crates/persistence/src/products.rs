@@ -1,0 +1,194 @@
+//! [`ProductRepository`] on SeaORM: the catalogue, admin edits and the popular-products ranking.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, Order, Query};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, JoinType, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, RelationTrait, Set, TransactionTrait,
+};
+use shop_domain::DomainError;
+use shop_domain::ids::{ProductId, ProductOptionId};
+use shop_domain::money::{Money, Stock};
+use shop_domain::page::{Page, PageRequest};
+use shop_domain::ports::ProductRepository;
+use shop_domain::product::{NewProduct, Product, ProductOption};
+use shop_domain::sales::{DateRange, PopularProduct, RankingLimit};
+
+use crate::entity::{daily_popular_product as daily, product, product_option};
+use crate::error::db;
+
+#[derive(Debug, Clone)]
+pub struct SeaProductRepository {
+    db: DatabaseConnection,
+}
+
+impl SeaProductRepository {
+    #[must_use]
+    pub const fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    /// The live options of these products, grouped by product, each group by option id: one query for a whole
+    /// page.
+    async fn options_of(&self, ids: &[i64]) -> Result<HashMap<i64, Vec<ProductOption>>, DomainError> {
+        let rows = product_option::Entity::find()
+            .filter(product_option::Column::ProductId.is_in(ids.iter().copied()))
+            .filter(product_option::Column::DeletedAt.is_null())
+            .order_by_asc(product_option::Column::Id)
+            .all(&self.db)
+            .await
+            .map_err(db)?;
+        let mut grouped: HashMap<i64, Vec<ProductOption>> = HashMap::new();
+        for row in rows {
+            grouped.entry(row.product_id).or_default().push(to_option(row)?);
+        }
+        Ok(grouped)
+    }
+}
+
+pub(crate) fn to_option(m: product_option::Model) -> Result<ProductOption, DomainError> {
+    Ok(ProductOption {
+        id: ProductOptionId::new(m.id)?,
+        product_id: ProductId::new(m.product_id)?,
+        name: m.name,
+        price: Money::new(m.price)?,
+        stock: Stock::new(m.stock)?,
+    })
+}
+
+fn to_product(m: product::Model, options: Vec<ProductOption>) -> Result<Product, DomainError> {
+    Ok(Product { id: ProductId::new(m.id)?, name: m.name, status: m.status.parse()?, options })
+}
+
+#[async_trait]
+impl ProductRepository for SeaProductRepository {
+    async fn list(&self, page: PageRequest) -> Result<Page<Product>, DomainError> {
+        let live = product::Entity::find().filter(product::Column::DeletedAt.is_null());
+        let total = live.clone().count(&self.db).await.map_err(db)?;
+        let rows = live
+            .order_by_asc(product::Column::Id)
+            .offset(page.offset())
+            .limit(page.size())
+            .all(&self.db)
+            .await
+            .map_err(db)?;
+        let ids: Vec<i64> = rows.iter().map(|p| p.id).collect();
+        let mut options = self.options_of(&ids).await?;
+        let items = rows
+            .into_iter()
+            .map(|p| {
+                let opts = options.remove(&p.id).unwrap_or_default();
+                to_product(p, opts)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Page { items, page: page.page(), size: page.size(), total })
+    }
+
+    async fn find(&self, id: ProductId) -> Result<Option<Product>, DomainError> {
+        let Some(row) = product::Entity::find_by_id(id.get())
+            .filter(product::Column::DeletedAt.is_null())
+            .one(&self.db)
+            .await
+            .map_err(db)?
+        else {
+            return Ok(None);
+        };
+        let options = self.options_of(&[row.id]).await?.remove(&row.id).unwrap_or_default();
+        to_product(row, options).map(Some)
+    }
+
+    async fn create(&self, new: &NewProduct, now: DateTime<Utc>) -> Result<Product, DomainError> {
+        let tx = self.db.begin().await.map_err(db)?;
+        let row = product::ActiveModel {
+            name: Set(new.name().to_owned()),
+            status: Set(new.status().as_str().to_owned()),
+            created_at: Set(now),
+            updated_at: Set(now),
+            deleted_at: Set(None),
+            ..Default::default()
+        }
+        .insert(&tx)
+        .await
+        .map_err(db)?;
+        let mut options = Vec::with_capacity(new.options().len());
+        for option in new.options() {
+            let inserted = product_option::ActiveModel {
+                product_id: Set(row.id),
+                name: Set(option.name().to_owned()),
+                price: Set(option.price().won()),
+                stock: Set(option.stock().get()),
+                version: Set(0),
+                created_at: Set(now),
+                updated_at: Set(now),
+                deleted_at: Set(None),
+                ..Default::default()
+            }
+            .insert(&tx)
+            .await
+            .map_err(db)?;
+            options.push(to_option(inserted)?);
+        }
+        tx.commit().await.map_err(db)?;
+        to_product(row, options)
+    }
+
+    async fn set_stock(
+        &self,
+        id: ProductOptionId,
+        stock: Stock,
+        now: DateTime<Utc>,
+    ) -> Result<ProductOption, DomainError> {
+        let live_products = Query::select()
+            .column(product::Column::Id)
+            .from(product::Entity)
+            .and_where(product::Column::DeletedAt.is_null())
+            .to_owned();
+        let updated = product_option::Entity::update_many()
+            .col_expr(product_option::Column::Stock, Expr::value(stock.get()))
+            // A new version makes any optimistic writer that read the old stock retry.
+            .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
+            .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
+            .filter(product_option::Column::Id.eq(id.get()))
+            .filter(product_option::Column::DeletedAt.is_null())
+            .filter(product_option::Column::ProductId.in_subquery(live_products))
+            .exec_with_returning(&self.db)
+            .await
+            .map_err(db)?;
+        updated.into_iter().next().map(to_option).transpose()?.ok_or(DomainError::ProductOptionNotFound(id))
+    }
+
+    async fn popular(&self, range: DateRange, limit: RankingLimit) -> Result<Vec<PopularProduct>, DomainError> {
+        // Reads the range of `idx_daily_sales_day_product` (sold_date, product_id, total_sold) and sums per
+        // product; the cast keeps PostgreSQL's SUM(bigint) = numeric out of the Rust side.
+        let sum = Expr::expr(Func::cast_as(
+            Func::sum(Expr::col((daily::Entity, daily::Column::TotalSold))),
+            Alias::new("BIGINT"),
+        ));
+        let rows: Vec<(i64, String, i64)> = daily::Entity::find()
+            .select_only()
+            .column(daily::Column::ProductId)
+            .column(product::Column::Name)
+            .column_as(sum, "total")
+            .join(JoinType::InnerJoin, daily::Relation::Product.def())
+            .filter(daily::Column::SoldDate.between(range.from(), range.to()))
+            .filter(product::Column::DeletedAt.is_null())
+            .group_by(daily::Column::ProductId)
+            .group_by(product::Column::Name)
+            .order_by(Expr::col(Alias::new("total")), Order::Desc)
+            .order_by_asc(daily::Column::ProductId)
+            .limit(u64::from(limit.get()))
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(db)?;
+        rows.into_iter()
+            .zip(1..)
+            .map(|((product_id, name, total_sold), rank)| {
+                Ok(PopularProduct { rank, product_id: ProductId::new(product_id)?, name, total_sold })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,86 @@
+//! [`UserRepository`] on SeaORM.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set};
+use shop_domain::DomainError;
+use shop_domain::ids::UserId;
+use shop_domain::money::Money;
+use shop_domain::ports::UserRepository;
+use shop_domain::user::{ChargeAmount, User, UserName};
+
+use crate::entity::user;
+use crate::error::db;
+
+#[derive(Debug, Clone)]
+pub struct SeaUserRepository {
+    db: DatabaseConnection,
+}
+
+impl SeaUserRepository {
+    #[must_use]
+    pub const fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+}
+
+pub(crate) fn to_user(m: user::Model) -> Result<User, DomainError> {
+    Ok(User { id: UserId::new(m.id)?, name: m.name, balance: Money::new(m.balance)? })
+}
+
+#[async_trait]
+impl UserRepository for SeaUserRepository {
+    async fn create(&self, name: &UserName, now: DateTime<Utc>) -> Result<User, DomainError> {
+        let model = user::ActiveModel {
+            name: Set(name.as_str().to_owned()),
+            balance: Set(0),
+            version: Set(0),
+            created_at: Set(now),
+            updated_at: Set(now),
+            deleted_at: Set(None),
+            ..Default::default()
+        }
+        .insert(&self.db)
+        .await
+        .map_err(db)?;
+        to_user(model)
+    }
+
+    async fn find(&self, id: UserId) -> Result<Option<User>, DomainError> {
+        user::Entity::find_by_id(id.get())
+            .filter(user::Column::DeletedAt.is_null())
+            .one(&self.db)
+            .await
+            .map_err(db)?
+            .map(to_user)
+            .transpose()
+    }
+
+    async fn charge(
+        &self,
+        id: UserId,
+        amount: ChargeAmount,
+        limit: Money,
+        now: DateTime<Utc>,
+    ) -> Result<Money, DomainError> {
+        let add = amount.money().won();
+        // One conditional UPDATE: the addition happens in the row, so concurrent charges cannot lose one
+        // another, and the limit is checked against the value being written.
+        let updated = user::Entity::update_many()
+            .col_expr(user::Column::Balance, Expr::col(user::Column::Balance).add(add))
+            .col_expr(user::Column::Version, Expr::col(user::Column::Version).add(1))
+            .col_expr(user::Column::UpdatedAt, Expr::value(now))
+            .filter(user::Column::Id.eq(id.get()))
+            .filter(user::Column::DeletedAt.is_null())
+            .filter(user::Column::Balance.lte(limit.won() - add))
+            .exec_with_returning(&self.db)
+            .await
+            .map_err(db)?;
+        match updated.into_iter().next() {
+            Some(row) => Ok(Money::new(row.balance)?),
+            None if self.find(id).await?.is_some() => Err(DomainError::BalanceLimitExceeded { limit }),
+            None => Err(DomainError::UserNotFound(id)),
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Typed configuration: defaults < optional TOML file (`--config`) < `SHOP_`-prefixed environment variables.
+//! Loaded once at start-up, validated with messages that name the key at fault, then passed in.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// How order creation protects stock. Read now; the order use case applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StockStrategy {
+    /// `SELECT ... FOR UPDATE` on the option rows (PostgreSQL only).
+    Pessimistic,
+    /// Compare-and-set on the version column, with bounded retries.
+    Optimistic,
+    /// `UPDATE ... SET stock = stock - n WHERE stock >= n`: no lock at all.
+    Conditional,
+    /// An in-process mutex per option (single instance only).
+    Local,
+    #[serde(alias = "redis-pessimistic")]
+    RedisSpin,
+    RedisRedlock,
+    RedisPubsub,
+    RedisOptimistic,
+}
+
+impl StockStrategy {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Pessimistic => "pessimistic",
+            Self::Optimistic => "optimistic",
+            Self::Conditional => "conditional",
+            Self::Local => "local",
+            Self::RedisSpin => "redis-spin",
+            Self::RedisRedlock => "redis-redlock",
+            Self::RedisPubsub => "redis-pubsub",
+            Self::RedisOptimistic => "redis-optimistic",
+        }
+    }
+
+    const fn needs_redis(self) -> bool {
+        matches!(self, Self::RedisSpin | Self::RedisRedlock | Self::RedisPubsub | Self::RedisOptimistic)
+    }
+}
+
+impl fmt::Display for StockStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Every setting of the server. Field names are the TOML keys; `SHOP_` + the upper-cased name is the
+/// environment variable (`http_addr` = `SHOP_HTTP_ADDR`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Where the HTTP server listens.
+    pub http_addr: SocketAddr,
+    /// `postgres://...` or `sqlite://path?mode=rwc`.
+    pub database_url: String,
+    /// Bearer token of the admin API; unset disables it.
+    #[serde(deserialize_with = "text_or_number")]
+    pub admin_token: Option<String>,
+    pub stock_strategy: StockStrategy,
+    pub log_format: LogFormat,
+    /// Size of the database connection pool.
+    pub db_max_connections: u32,
+    /// Seconds a request may wait for a pooled connection before it fails.
+    pub db_acquire_timeout_secs: u64,
+    /// HTTP worker threads; the number of cores when unset.
+    pub http_workers: Option<usize>,
+    /// Seed demo users and products into an empty SQLite database.
+    pub seed_demo: bool,
+    /// Redis, for the `redis-*` strategies.
+    pub redis_url: Option<String>,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets stay out of logs: the token, and passwords inside URLs.
+        f.debug_struct("Settings")
+            .field("http_addr", &self.http_addr)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field("stock_strategy", &self.stock_strategy)
+            .field("log_format", &self.log_format)
+            .field("db_max_connections", &self.db_max_connections)
+            .field("db_acquire_timeout_secs", &self.db_acquire_timeout_secs)
+            .field("http_workers", &self.http_workers)
+            .field("seed_demo", &self.seed_demo)
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .finish()
+    }
+}
+
+/// Figment parses `SHOP_ADMIN_TOKEN=12345678` as a number; a token is text whatever it looks like.
+fn text_or_number<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Unsigned(u64),
+        Signed(i64),
+        Float(f64),
+    }
+    Ok(Option::<Raw>::deserialize(de)?.map(|raw| match raw {
+        Raw::Text(s) => s,
+        Raw::Unsigned(n) => n.to_string(),
+        Raw::Signed(n) => n.to_string(),
+        Raw::Float(n) => n.to_string(),
+    }))
+}
+
+/// `scheme://user:secret@host` -> `scheme://user:***@host`.
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((credentials, host)) = rest.split_once('@') else { return url.to_owned() };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: "sqlite://shop.db?mode=rwc".to_owned(),
+            admin_token: None,
+            stock_strategy: StockStrategy::Conditional,
+            log_format: LogFormat::Text,
+            db_max_connections: 16,
+            db_acquire_timeout_secs: 10,
+            http_workers: None,
+            seed_demo: true,
+            redis_url: None,
+        }
+    }
+}
+
+/// A setting that is missing, malformed or does not fit the others.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(String),
+    #[error("configuration: {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Settings {
+    /// Reads defaults, then `file` if given, then the environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key that is wrong.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Load(format!("config file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let settings: Self = figment
+            .merge(Env::prefixed("SHOP_").ignore(&["config"]))
+            .extract()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what the types alone cannot.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let sqlite = self.database_url.starts_with("sqlite:");
+        if !sqlite && !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_DATABASE_URL",
+                message: "must start with postgres:// or sqlite:".into(),
+            });
+        }
+        if self.db_max_connections == 0 {
+            return Err(ConfigError::Invalid { key: "SHOP_DB_MAX_CONNECTIONS", message: "must be at least 1".into() });
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.trim().len() < 8) {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_ADMIN_TOKEN",
+                message: "must be at least 8 characters (or unset to disable the admin API)".into(),
+            });
+        }
+        if self.stock_strategy == StockStrategy::Pessimistic && sqlite {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_STOCK_STRATEGY",
+                message: "pessimistic needs row locks (SELECT ... FOR UPDATE), which SQLite does not have: use \
+                          conditional, optimistic or local with SQLite, or point SHOP_DATABASE_URL at PostgreSQL"
+                    .into(),
+            });
+        }
+        if self.stock_strategy.needs_redis() {
+            if self.redis_url.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "SHOP_STOCK_STRATEGY",
+                    message: format!("{} needs Redis: set SHOP_REDIS_URL", self.stock_strategy),
+                });
+            }
+            return Err(ConfigError::Invalid {
+                key: "SHOP_STOCK_STRATEGY",
+                message: format!(
+                    "{} is not available in this version: use conditional, optimistic, pessimistic or local",
+                    self.stock_strategy
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn is_sqlite(&self) -> bool {
+        self.database_url.starts_with("sqlite:")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str, strategy: StockStrategy) -> Settings {
+        Settings { database_url: url.into(), stock_strategy: strategy, ..Settings::default() }
+    }
+
+    #[test]
+    fn pessimistic_is_refused_on_sqlite_with_a_message_naming_the_key() {
+        let err = settings("sqlite://x.db", StockStrategy::Pessimistic).validate().unwrap_err().to_string();
+        assert!(err.contains("SHOP_STOCK_STRATEGY") && err.contains("SQLite"), "{err}");
+        assert!(settings("postgres://localhost/db", StockStrategy::Pessimistic).validate().is_ok());
+    }
+
+    #[test]
+    fn redis_strategies_need_a_redis_url() {
+        let err = settings("sqlite://x.db", StockStrategy::RedisSpin).validate().unwrap_err().to_string();
+        assert!(err.contains("SHOP_REDIS_URL"), "{err}");
+    }
+
+    #[test]
+    fn strategy_names_parse_including_the_pessimistic_alias() {
+        let parse = |s: &str| serde_json::from_value::<StockStrategy>(serde_json::Value::String(s.into()));
+        assert_eq!(parse("conditional").unwrap(), StockStrategy::Conditional);
+        assert_eq!(parse("redis-pessimistic").unwrap(), StockStrategy::RedisSpin);
+        assert_eq!(parse("redis-pubsub").unwrap(), StockStrategy::RedisPubsub);
+        assert!(parse("fastest").is_err());
+    }
+
+    #[test]
+    fn database_url_scheme_is_checked() {
+        let err = settings("mysql://x", StockStrategy::Conditional).validate().unwrap_err().to_string();
+        assert!(err.contains("SHOP_DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(redact_url("postgres://shop:hunter2@db:5432/shop"), "postgres://shop:***@db:5432/shop");
+        assert_eq!(redact_url("sqlite://shop.db"), "sqlite://shop.db");
+        let s = Settings { admin_token: Some("supersecret".into()), ..Settings::default() };
+        assert!(!format!("{s:?}").contains("supersecret"));
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail decides the closure's error type
+    fn file_then_env_layering() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("shop.toml", "http_addr = \"127.0.0.1:9000\"\nadmin_token = \"from-the-file\"\n")?;
+            jail.set_env("SHOP_ADMIN_TOKEN", "from-the-env");
+            let s = Settings::load(Some(Path::new("shop.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.http_addr.port(), 9000);
+            assert_eq!(s.admin_token.as_deref(), Some("from-the-env"));
+            jail.set_env("SHOP_ADMIN_TOKEN", "12345678");
+            assert_eq!(Settings::load(None).map_err(|e| e.to_string())?.admin_token.as_deref(), Some("12345678"));
+            jail.set_env("SHOP_STOCK_STRATEGY", "bogus");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("STOCK_STRATEGY") && err.contains("bogus"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,10 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! API tests: the real application on a random port, over a fresh SQLite file and a fresh PostgreSQL database
+//! per test, driven through real HTTP. One binary, so it links once.
+
+mod admin;
+mod cart;
+mod helpers;
+mod operations;
+mod products;
+mod users;

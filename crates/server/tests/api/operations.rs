@@ -1,0 +1,121 @@
+//! Health, request ids, unknown routes, payload limits, the OpenAPI document and Swagger UI.
+
+use serde_json::json;
+
+use crate::helpers::{Store, TestApp};
+
+async fn app() -> TestApp {
+    TestApp::spawn(Store::Sqlite).await.unwrap()
+}
+
+#[tokio::test]
+async fn health_endpoints_answer() {
+    let app = app().await;
+    let live = app.get("/health/live").await;
+    assert_eq!((live.status, live.body["status"].as_str()), (200, Some("UP")));
+    let ready = app.get("/health/ready").await;
+    assert_eq!((ready.status, ready.body["checks"]["database"].as_str()), (200, Some("UP")), "{ready:?}");
+}
+
+#[tokio::test]
+async fn ready_is_503_when_the_database_is_gone() {
+    let app = app().await;
+    app.db.close_by_ref().await.unwrap();
+    app.get("/health/ready").await.problem(503, "NOT_READY");
+    assert_eq!(app.get("/health/live").await.status, 200, "liveness does not depend on the database");
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id() {
+    let app = app().await;
+    let echoed = app.send(app.client.get(app.url("/health/live")).header("x-request-id", "abc-123")).await;
+    assert_eq!(echoed.headers.get("x-request-id").unwrap(), "abc-123");
+    let generated = app.get("/api/v1/products/0").await;
+    assert_eq!(generated.headers.get("x-request-id").unwrap().len(), 36, "a UUID when the client sent none");
+    let not_found = app.get("/no/such/route").await;
+    assert!(not_found.headers.contains_key("x-request-id"));
+    not_found.problem(404, "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn wrong_method_and_oversized_bodies_are_problems() {
+    let app = app().await;
+    app.delete("/api/v1/products").await.problem(404, "NOT_FOUND");
+    let huge = "x".repeat(100 * 1024);
+    let r = app.post("/api/v1/users", json!({ "name": huge })).await;
+    r.problem(413, "PAYLOAD_TOO_LARGE");
+}
+
+#[tokio::test]
+async fn served_openapi_document_is_the_checked_in_one() {
+    let app = app().await;
+    let served = app.get("/api-docs/openapi.json").await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.body["openapi"], "3.1.0");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../openapi/openapi.json");
+    let checked_in: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("openapi/openapi.json exists")).unwrap();
+    assert!(
+        served.body == checked_in,
+        "openapi/openapi.json is stale: regenerate it with `cargo run -p shop-server -- openapi > openapi/openapi.json`"
+    );
+    for route in [
+        "/api/v1/users",
+        "/api/v1/users/{userId}/balance",
+        "/api/v1/users/{userId}/balance/charge",
+        "/api/v1/products",
+        "/api/v1/products/{productId}",
+        "/api/v1/products/popular",
+        "/api/v1/admin/products",
+        "/api/v1/admin/product-options/{optionId}/stock",
+        "/api/v1/users/{userId}/cart",
+        "/api/v1/users/{userId}/cart/items",
+        "/api/v1/users/{userId}/cart/items/{cartItemId}",
+        "/health/live",
+        "/health/ready",
+    ] {
+        assert!(served.body["paths"][route].is_object(), "{route} is documented");
+    }
+}
+
+#[tokio::test]
+async fn every_documented_response_has_a_description() {
+    let doc = shop_http::openapi();
+    let json = serde_json::to_value(&doc).unwrap();
+    for (path, item) in json["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for (status, response) in op["responses"].as_object().unwrap() {
+                assert!(response["description"].is_string(), "{method} {path} {status} has no description");
+            }
+            let errors: Vec<_> = op["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|s| s.starts_with('4') || s.starts_with('5'))
+                .collect();
+            for status in errors {
+                let content = &op["responses"][status]["content"]["application/problem+json"];
+                assert!(content.is_object(), "{method} {path} {status} is a problem document");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn swagger_ui_is_served_offline() {
+    let app = app().await;
+    let ui = app.send(app.client.get(app.url("/swagger-ui/"))).await;
+    assert_eq!(ui.status, 200);
+    assert!(ui.body.as_str().unwrap().contains("swagger"), "the vendored Swagger UI page");
+    let bundle = app.send(app.client.get(app.url("/swagger-ui/swagger-ui-bundle.js"))).await;
+    assert_eq!(bundle.status, 200, "the JS bundle is served from the binary");
+    let redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(app.url("/swagger-ui"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(redirect.headers().get("location").unwrap(), "/swagger-ui/");
+}
