@@ -9,6 +9,7 @@
 //! - [`error`]: [`DomainError`], the one error type of every use case.
 //! - [`ports`]: repositories, the unit of work, clock, events, probes.
 //! - [`services`]: the use cases.
+//! - [`stock`]: the stock strategies order creation is configured with.
 
 pub mod cart;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod ports;
 pub mod product;
 pub mod sales;
 pub mod services;
+pub mod stock;
 pub mod user;
 
 pub use error::{DomainError, InvalidValue};

@@ -96,6 +96,12 @@ impl Stock {
     pub const fn get(self) -> i64 {
         self.0
     }
+
+    /// What is left after taking `quantity`; `None` when fewer units are left.
+    #[must_use]
+    pub fn checked_take(self, quantity: Quantity) -> Option<Self> {
+        Self::new(self.0 - quantity.get()).ok()
+    }
 }
 
 #[cfg(test)]
@@ -127,5 +133,8 @@ mod tests {
         assert!(Stock::new(-1).is_err());
         assert!(Stock::new(0).is_ok());
         assert!(Stock::new(Stock::MAX + 1).is_err());
+        let three = Stock::new(3).unwrap();
+        assert_eq!(three.checked_take(Quantity::new(3).unwrap()), Some(Stock::new(0).unwrap()));
+        assert_eq!(three.checked_take(Quantity::new(4).unwrap()), None);
     }
 }

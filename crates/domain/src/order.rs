@@ -10,6 +10,7 @@ use crate::error::{DomainError, InvalidValue};
 use crate::ids::{OrderId, ProductId, ProductOptionId, UserId};
 use crate::money::{Money, Quantity};
 use crate::payment::Payment;
+use crate::product::{ProductOption, ProductStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrderStatus {
@@ -79,7 +80,11 @@ impl OrderRequest {
         }
         let lines = merged
             .into_iter()
-            .map(|(option_id, units)| Ok(OrderLine { option_id, quantity: Quantity::new(units)? }))
+            .map(|(option_id, units)| {
+                let quantity = Quantity::new(units)
+                    .map_err(|_| InvalidValue::new("items", "the lines of one option add up to more than 1000"))?;
+                Ok(OrderLine { option_id, quantity })
+            })
             .collect::<Result<Vec<_>, InvalidValue>>()?;
         Ok(Self { user_id, lines })
     }
@@ -131,6 +136,71 @@ impl Order {
     }
 }
 
+/// An option as an order sees it: with its product's name and whether the product is on sale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderableOption {
+    pub option: ProductOption,
+    pub product_name: String,
+    pub product_status: ProductStatus,
+}
+
+/// An order priced and ready to insert, with a pending payment of its total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOrder {
+    pub user_id: UserId,
+    pub items: Vec<OrderItem>,
+    pub total_price: Money,
+    pub ordered_at: DateTime<Utc>,
+}
+
+impl NewOrder {
+    /// Prices every line of `request` from `options` (the live options found for it).
+    ///
+    /// # Errors
+    /// [`DomainError::ProductOptionNotFound`] for a line whose option is not among `options`;
+    /// [`DomainError::ProductNotOnSale`] for an option of an inactive product; [`DomainError::Invalid`] when a
+    /// total overflows.
+    pub fn price(request: &OrderRequest, options: &[OrderableOption], now: DateTime<Utc>) -> Result<Self, DomainError> {
+        let mut items = Vec::with_capacity(request.lines().len());
+        for line in request.lines() {
+            let found = options
+                .iter()
+                .find(|o| o.option.id == line.option_id)
+                .ok_or(DomainError::ProductOptionNotFound(line.option_id))?;
+            if found.product_status != ProductStatus::Active {
+                return Err(DomainError::ProductNotOnSale { product_id: found.option.product_id });
+            }
+            let total_price = found
+                .option
+                .price
+                .checked_mul(line.quantity)
+                .ok_or(InvalidValue::new("items", "a line total is too large"))?;
+            items.push(OrderItem {
+                product_id: found.option.product_id,
+                product_option_id: line.option_id,
+                product_name: found.product_name.clone(),
+                option_name: found.option.name.clone(),
+                quantity: line.quantity,
+                unit_price: found.option.price,
+                total_price,
+            });
+        }
+        let total_price = order_total(&items)?;
+        Ok(Self { user_id: request.user_id(), items, total_price, ordered_at: now })
+    }
+}
+
+impl Order {
+    /// The stock lines this order holds, ascending by option id (the order every writer locks in).
+    #[must_use]
+    pub fn stock_lines(&self) -> Vec<OrderLine> {
+        let mut lines: Vec<OrderLine> =
+            self.items.iter().map(|i| OrderLine { option_id: i.product_option_id, quantity: i.quantity }).collect();
+        lines.sort_by_key(|l| l.option_id);
+        lines
+    }
+}
+
 /// Sums the lines' totals.
 ///
 /// # Errors
@@ -168,7 +238,50 @@ mod tests {
     fn merged_quantity_keeps_the_line_limit() {
         let user = UserId::new(1).unwrap();
         assert!(OrderRequest::new(user, [line(1, 600), line(1, 400)]).is_ok());
-        assert!(OrderRequest::new(user, [line(1, 600), line(1, 401)]).is_err());
+        let err = OrderRequest::new(user, [line(1, 600), line(1, 401)]).unwrap_err();
+        assert!(matches!(err, DomainError::Invalid(v) if v.field == "items"));
+    }
+
+    fn orderable(id: i64, price: i64, status: ProductStatus) -> OrderableOption {
+        OrderableOption {
+            option: ProductOption {
+                id: ProductOptionId::new(id).unwrap(),
+                product_id: ProductId::new(100 + id).unwrap(),
+                name: format!("opt{id}"),
+                price: Money::new(price).unwrap(),
+                stock: crate::money::Stock::new(5).unwrap(),
+            },
+            product_name: format!("product{id}"),
+            product_status: status,
+        }
+    }
+
+    #[test]
+    fn pricing_copies_names_and_prices_and_sums_the_total() {
+        let req = OrderRequest::new(UserId::new(1).unwrap(), [line(2, 3), line(1, 1)]).unwrap();
+        let options = [orderable(1, 1000, ProductStatus::Active), orderable(2, 250, ProductStatus::Active)];
+        let order = NewOrder::price(&req, &options, Utc::now()).unwrap();
+        assert_eq!(order.total_price.won(), 1750);
+        assert_eq!(order.items[0].product_option_id.get(), 1, "lines stay ascending by option");
+        assert_eq!((order.items[1].unit_price.won(), order.items[1].total_price.won()), (250, 750));
+        assert_eq!((order.items[1].product_name.as_str(), order.items[1].option_name.as_str()), ("product2", "opt2"));
+    }
+
+    #[test]
+    fn pricing_refuses_missing_options_and_products_off_sale() {
+        let req = OrderRequest::new(UserId::new(1).unwrap(), [line(1, 1), line(2, 1)]).unwrap();
+        let err = NewOrder::price(&req, &[orderable(1, 1, ProductStatus::Active)], Utc::now()).unwrap_err();
+        assert!(matches!(err, DomainError::ProductOptionNotFound(id) if id.get() == 2));
+        let options = [orderable(1, 1, ProductStatus::Active), orderable(2, 1, ProductStatus::Inactive)];
+        let err = NewOrder::price(&req, &options, Utc::now()).unwrap_err();
+        assert!(matches!(err, DomainError::ProductNotOnSale { product_id } if product_id.get() == 102));
+    }
+
+    #[test]
+    fn pricing_refuses_overflowing_totals() {
+        let req = OrderRequest::new(UserId::new(1).unwrap(), [line(1, 1000)]).unwrap();
+        let err = NewOrder::price(&req, &[orderable(1, i64::MAX / 10, ProductStatus::Active)], Utc::now()).unwrap_err();
+        assert!(matches!(err, DomainError::Invalid(_)));
     }
 
     #[test]

@@ -11,8 +11,11 @@ use crate::cart::CartItem;
 use crate::error::DomainError;
 use crate::ids::{CartItemId, OrderId, PaymentId, ProductId, ProductOptionId, UserId};
 use crate::money::{Money, Quantity, Stock};
+use crate::order::{NewOrder, Order, OrderLine, OrderStatus, OrderableOption};
 use crate::page::{Page, PageRequest};
+use crate::payment::PaymentStatus;
 use crate::product::{NewProduct, Product, ProductOption};
+use crate::sales::DailySales;
 use crate::sales::{DateRange, PopularProduct, RankingLimit};
 use crate::user::{ChargeAmount, User, UserName};
 
@@ -152,7 +155,117 @@ pub trait Transaction: Send {
         now: DateTime<Utc>,
     ) -> Result<CartItem, DomainError>;
 
+    // --- orders ---
+
+    /// The live options among `ids` (live option of a live product), with their products' names and statuses.
+    async fn orderable_options(&mut self, ids: &[ProductOptionId]) -> Result<Vec<OrderableOption>, DomainError>;
+
+    /// Inserts the order, its items and a PENDING payment of its total; returns the order as stored.
+    async fn insert_order(&mut self, order: &NewOrder) -> Result<Order, DomainError>;
+
+    /// Takes these options out of the user's cart (soft delete).
+    async fn remove_from_cart(
+        &mut self,
+        user_id: UserId,
+        options: &[ProductOptionId],
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError>;
+
+    /// An order with its items and payment, whatever its status.
+    async fn find_order(&mut self, id: OrderId) -> Result<Option<Order>, DomainError>;
+
+    /// Moves the order from `from` to `to` only if it is still in `from`: the guard that makes one payment or
+    /// one expiry win when several race. `false` when it was not in `from`.
+    async fn transition_order(
+        &mut self,
+        id: OrderId,
+        from: OrderStatus,
+        to: OrderStatus,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DomainError>;
+
+    /// Sets the payment's outcome.
+    async fn settle_payment(
+        &mut self,
+        id: PaymentId,
+        status: PaymentStatus,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError>;
+
+    /// Pending orders placed before `placed_before`, oldest first, at most `limit`. On PostgreSQL the rows are
+    /// locked with `SKIP LOCKED`, so concurrent sweepers take disjoint sets.
+    async fn overdue_orders(&mut self, placed_before: DateTime<Utc>, limit: u64) -> Result<Vec<OrderId>, DomainError>;
+
+    // --- balance and sales ---
+
+    /// Spends `amount` with one conditional UPDATE (`balance >= amount`); the new balance, or `None` when the
+    /// balance is short (then nothing changes).
+    async fn spend_balance(
+        &mut self,
+        user_id: UserId,
+        amount: Money,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Money>, DomainError>;
+
+    /// The user's balance.
+    ///
+    /// # Errors
+    /// [`DomainError::UserNotFound`].
+    async fn balance(&mut self, user_id: UserId) -> Result<Money, DomainError>;
+
+    /// Adds units to the day's sales with one upsert per option, in the order given.
+    async fn add_daily_sales(&mut self, sales: &[DailySales], now: DateTime<Utc>) -> Result<(), DomainError>;
+
+    // --- stock: the primitives the stock strategies are built from ---
+
+    /// `UPDATE ... SET stock = stock - n WHERE id = ? AND stock >= n`; `false` when the stock is short.
+    async fn decrement_stock(
+        &mut self,
+        id: ProductOptionId,
+        quantity: Quantity,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DomainError>;
+
+    /// Locks the options' rows until the transaction ends (`SELECT ... FOR NO KEY UPDATE`, ascending by id)
+    /// and reads them.
+    async fn lock_stock(&mut self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError>;
+
+    /// Reads stock and version without locking.
+    async fn read_stock(&mut self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError>;
+
+    /// Writes an absolute stock and bumps the version; with `expected_version`, only if the version is still
+    /// that one (compare-and-set). `false` when the compare failed.
+    async fn write_stock(
+        &mut self,
+        id: ProductOptionId,
+        stock: Stock,
+        expected_version: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DomainError>;
+
+    /// Gives units back (`stock = stock + n`, version bumped), in the order given.
+    async fn restore_stock(&mut self, lines: &[OrderLine], now: DateTime<Utc>) -> Result<(), DomainError>;
+
     async fn commit(self: Box<Self>) -> Result<(), DomainError>;
+}
+
+/// An option's stock and the version that optimistic writers compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StockRow {
+    pub option_id: ProductOptionId,
+    pub stock: Stock,
+    pub version: i64,
+}
+
+/// Reads of orders outside any transaction.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait OrderRepository: Send + Sync {
+    /// An order with its items and payment.
+    async fn find(&self, id: OrderId) -> Result<Option<Order>, DomainError>;
+
+    /// The user's orders, newest first.
+    async fn list_by_user(&self, user_id: UserId, page: PageRequest) -> Result<Page<Order>, DomainError>;
 }
 
 /// A dependency that `/health/ready` asks.

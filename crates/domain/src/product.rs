@@ -58,8 +58,7 @@ impl ProductOption {
     /// # Errors
     /// [`DomainError::OutOfStock`] when fewer units are left; the stock is then unchanged.
     pub fn take(&mut self, quantity: Quantity) -> Result<Stock, DomainError> {
-        let left = Stock::new(self.stock.get() - quantity.get())
-            .map_err(|_| DomainError::OutOfStock { option_id: self.id })?;
+        let left = self.stock.checked_take(quantity).ok_or(DomainError::OutOfStock { option_id: self.id })?;
         self.stock = left;
         Ok(left)
     }

@@ -3,7 +3,10 @@
 use chrono::{Days, NaiveDate};
 
 use crate::error::InvalidValue;
-use crate::ids::ProductId;
+use std::collections::BTreeMap;
+
+use crate::ids::{ProductId, ProductOptionId};
+use crate::order::OrderItem;
 
 /// An inclusive range of days, at most [`DateRange::MAX_DAYS`] long, so a ranking never scans years of rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +86,31 @@ impl RankingLimit {
     }
 }
 
+/// Units of one option sold on one day: what a completed payment adds to `daily_popular_products`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DailySales {
+    pub day: NaiveDate,
+    pub product_id: ProductId,
+    pub option_id: ProductOptionId,
+    pub units: i64,
+}
+
+impl DailySales {
+    /// One entry per option, summed and ascending by option id, so that every writer of the day's rows takes
+    /// their locks in the same order.
+    #[must_use]
+    pub fn of_items(day: NaiveDate, items: &[OrderItem]) -> Vec<Self> {
+        let mut per_option: BTreeMap<ProductOptionId, Self> = BTreeMap::new();
+        for item in items {
+            per_option
+                .entry(item.product_option_id)
+                .or_insert(Self { day, product_id: item.product_id, option_id: item.product_option_id, units: 0 })
+                .units += item.quantity.get();
+        }
+        per_option.into_values().collect()
+    }
+}
+
 /// A product's place in the ranking.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PopularProduct {
@@ -117,6 +145,23 @@ mod tests {
         assert_eq!((r.from(), r.to()), (day("2026-11-08"), day("2026-11-10")));
         let r = DateRange::with_defaults(Some(day("2026-11-20")), None, today).unwrap();
         assert_eq!((r.from(), r.to()), (day("2026-11-20"), today));
+    }
+
+    #[test]
+    fn daily_sales_sum_per_option_in_option_order() {
+        use crate::money::{Money, Quantity};
+        let item = |option: i64, qty: i64| OrderItem {
+            product_id: ProductId::new(1).unwrap(),
+            product_option_id: ProductOptionId::new(option).unwrap(),
+            product_name: "p".into(),
+            option_name: "o".into(),
+            quantity: Quantity::new(qty).unwrap(),
+            unit_price: Money::ZERO,
+            total_price: Money::ZERO,
+        };
+        let sales = DailySales::of_items(day("2026-11-25"), &[item(9, 2), item(3, 1), item(9, 4)]);
+        let got: Vec<(i64, i64)> = sales.iter().map(|s| (s.option_id.get(), s.units)).collect();
+        assert_eq!(got, vec![(3, 1), (9, 6)]);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpResponse, web};
 use shop_domain::ports::Probe;
-use shop_domain::services::{CartService, CatalogService, UserService};
+use shop_domain::services::{CartService, CatalogService, OrderService, UserService};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa_actix_web::AppExt;
@@ -36,6 +36,7 @@ pub struct AppState {
     pub users: UserService,
     pub catalog: CatalogService,
     pub cart: CartService,
+    pub orders: OrderService,
     /// `None` disables the admin API (403 `ADMIN_DISABLED`).
     pub admin_token: Option<Arc<str>>,
     /// Asked by `/health/ready`.
@@ -65,6 +66,7 @@ impl std::fmt::Debug for AppState {
         (name = "users", description = "Users and their balance"),
         (name = "products", description = "The catalogue and the best sellers"),
         (name = "cart", description = "A user's cart"),
+        (name = "orders", description = "Orders and their payment"),
         (name = "admin", description = "Catalogue administration (bearer token)"),
         (name = "health", description = "Liveness and readiness"),
     )
@@ -83,7 +85,7 @@ impl utoipa::Modify for AdminToken {
 /// Every documented route. The popular ranking is registered before `/products/{productId}` so that
 /// `popular` is not read as an id.
 fn routes(cfg: &mut ServiceConfig<'_>) {
-    use routes::{admin, cart, health, products, users};
+    use routes::{admin, cart, health, orders, products, users};
     cfg.service(users::create_user)
         .service(users::get_balance)
         .service(users::charge_balance)
@@ -95,6 +97,10 @@ fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(cart::get_cart)
         .service(cart::add_cart_item)
         .service(cart::delete_cart_item)
+        .service(orders::create_order)
+        .service(orders::get_order)
+        .service(orders::list_orders)
+        .service(orders::pay_order)
         .service(health::live)
         .service(health::ready);
 }

@@ -5,7 +5,7 @@
 //! `shop-domain` and `shop-migrations`, never on HTTP or Redis.
 //!
 //! - [`db`]: connecting (SQLite in WAL mode with a busy timeout) and migrating.
-//! - [`users`], [`products`], [`carts`]: the repositories.
+//! - [`users`], [`products`], [`carts`], [`orders`]: the repositories.
 //! - [`uow`]: the unit of work and its transaction.
 //! - [`probe`]: the readiness probe.
 //! - [`seed`]: the demo data of an empty embedded database.
@@ -15,6 +15,7 @@ pub mod carts;
 pub mod db;
 pub mod entity;
 mod error;
+pub mod orders;
 pub mod probe;
 pub mod products;
 pub mod seed;
@@ -23,6 +24,7 @@ pub mod users;
 
 pub use carts::SeaCartRepository;
 pub use db::{PoolSettings, connect, migrate, supports_row_locks};
+pub use orders::SeaOrderRepository;
 pub use probe::DatabaseProbe;
 pub use products::SeaProductRepository;
 pub use uow::SeaUnitOfWork;

@@ -3,20 +3,26 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::sea_query::{LockBehavior, LockType};
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect, Set,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
 };
 use shop_domain::DomainError;
 use shop_domain::cart::CartItem;
-use shop_domain::ids::{ProductOptionId, UserId};
-use shop_domain::money::Quantity;
-use shop_domain::ports::{Transaction, UnitOfWork};
+use shop_domain::ids::{OrderId, PaymentId, ProductOptionId, UserId};
+use shop_domain::money::{Money, Quantity, Stock};
+use shop_domain::order::{NewOrder, Order, OrderLine, OrderStatus, OrderableOption};
+use shop_domain::payment::{PaymentMethod, PaymentStatus};
+use shop_domain::ports::{StockRow, Transaction, UnitOfWork};
 use shop_domain::product::ProductOption;
+use shop_domain::sales::DailySales;
 
 use crate::carts::cart_lines;
-use crate::entity::{cart, product, product_option, user};
+use crate::entity::{cart, daily_popular_product as daily, order, order_item, payment, product, product_option, user};
 use crate::error::db;
+use crate::orders::to_payment;
 use crate::products::to_option;
 
 #[derive(Debug, Clone)]
@@ -117,7 +123,294 @@ impl Transaction for SeaTransaction {
             .ok_or_else(|| DomainError::unexpected("the cart line just written is not there"))
     }
 
+    async fn orderable_options(&mut self, ids: &[ProductOptionId]) -> Result<Vec<OrderableOption>, DomainError> {
+        let rows = product_option::Entity::find()
+            .filter(product_option::Column::Id.is_in(ids.iter().map(|id| id.get())))
+            .filter(product_option::Column::DeletedAt.is_null())
+            .find_also_related(product::Entity)
+            .filter(product::Column::DeletedAt.is_null())
+            .all(&self.tx)
+            .await
+            .map_err(db)?;
+        rows.into_iter()
+            .filter_map(|(option, product)| product.map(|p| (option, p)))
+            .map(|(option, product)| {
+                Ok(OrderableOption {
+                    option: to_option(option)?,
+                    product_name: product.name,
+                    product_status: product.status.parse()?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_order(&mut self, new: &NewOrder) -> Result<Order, DomainError> {
+        let now = new.ordered_at;
+        let row = order::ActiveModel {
+            user_id: Set(new.user_id.get()),
+            total_price: Set(new.total_price.won()),
+            status: Set(OrderStatus::PendingPayment.as_str().to_owned()),
+            ordered_at: Set(now),
+            updated_at: Set(now),
+            deleted_at: Set(None),
+            ..Default::default()
+        }
+        .insert(&self.tx)
+        .await
+        .map_err(db)?;
+        order_item::Entity::insert_many(new.items.iter().map(|i| order_item::ActiveModel {
+            order_id: Set(row.id),
+            product_id: Set(i.product_id.get()),
+            product_option_id: Set(i.product_option_id.get()),
+            product_name: Set(i.product_name.clone()),
+            option_name: Set(i.option_name.clone()),
+            quantity: Set(i.quantity.get()),
+            unit_price: Set(i.unit_price.won()),
+            total_price_at_order: Set(i.total_price.won()),
+            created_at: Set(now),
+            deleted_at: Set(None),
+            ..Default::default()
+        }))
+        .exec_without_returning(&self.tx)
+        .await
+        .map_err(db)?;
+        let pay = payment::ActiveModel {
+            order_id: Set(row.id),
+            user_id: Set(new.user_id.get()),
+            amount: Set(new.total_price.won()),
+            method: Set(PaymentMethod::Balance.as_str().to_owned()),
+            status: Set(PaymentStatus::Pending.as_str().to_owned()),
+            paid_at: Set(None),
+            created_at: Set(now),
+            updated_at: Set(now),
+            deleted_at: Set(None),
+            ..Default::default()
+        }
+        .insert(&self.tx)
+        .await
+        .map_err(db)?;
+        Ok(Order {
+            id: OrderId::new(row.id)?,
+            user_id: new.user_id,
+            status: OrderStatus::PendingPayment,
+            total_price: new.total_price,
+            ordered_at: now,
+            items: new.items.clone(),
+            payment: to_payment(pay)?,
+        })
+    }
+
+    async fn remove_from_cart(
+        &mut self,
+        user_id: UserId,
+        options: &[ProductOptionId],
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        cart::Entity::update_many()
+            .col_expr(cart::Column::DeletedAt, Expr::value(Some(now)))
+            .col_expr(cart::Column::UpdatedAt, Expr::value(now))
+            .filter(cart::Column::UserId.eq(user_id.get()))
+            .filter(cart::Column::ProductOptionId.is_in(options.iter().map(|o| o.get())))
+            .filter(cart::Column::DeletedAt.is_null())
+            .exec(&self.tx)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn find_order(&mut self, id: OrderId) -> Result<Option<Order>, DomainError> {
+        crate::orders::find_order(&self.tx, id).await
+    }
+
+    async fn transition_order(
+        &mut self,
+        id: OrderId,
+        from: OrderStatus,
+        to: OrderStatus,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DomainError> {
+        let result = order::Entity::update_many()
+            .col_expr(order::Column::Status, Expr::value(to.as_str()))
+            .col_expr(order::Column::UpdatedAt, Expr::value(now))
+            .filter(order::Column::Id.eq(id.get()))
+            .filter(order::Column::Status.eq(from.as_str()))
+            .exec(&self.tx)
+            .await
+            .map_err(db)?;
+        Ok(result.rows_affected == 1)
+    }
+
+    async fn settle_payment(
+        &mut self,
+        id: PaymentId,
+        status: PaymentStatus,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        let paid_at = (status == PaymentStatus::Completed).then_some(now);
+        payment::Entity::update_many()
+            .col_expr(payment::Column::Status, Expr::value(status.as_str()))
+            .col_expr(payment::Column::PaidAt, Expr::value(paid_at))
+            .col_expr(payment::Column::UpdatedAt, Expr::value(now))
+            .filter(payment::Column::Id.eq(id.get()))
+            .exec(&self.tx)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn overdue_orders(&mut self, placed_before: DateTime<Utc>, limit: u64) -> Result<Vec<OrderId>, DomainError> {
+        // `idx_orders_status_ordered_at` finds them; SKIP LOCKED lets concurrent sweepers take disjoint rows.
+        let mut query = order::Entity::find()
+            .select_only()
+            .column(order::Column::Id)
+            .filter(order::Column::Status.eq(OrderStatus::PendingPayment.as_str()))
+            .filter(order::Column::OrderedAt.lt(placed_before))
+            .order_by_asc(order::Column::OrderedAt)
+            .order_by_asc(order::Column::Id)
+            .limit(limit);
+        if self.tx.get_database_backend() == DbBackend::Postgres {
+            query = query.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+        }
+        let ids: Vec<i64> = query.into_tuple().all(&self.tx).await.map_err(db)?;
+        ids.into_iter().map(|id| Ok(OrderId::new(id)?)).collect()
+    }
+
+    async fn spend_balance(
+        &mut self,
+        user_id: UserId,
+        amount: Money,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Money>, DomainError> {
+        let rows = user::Entity::update_many()
+            .col_expr(user::Column::Balance, Expr::col(user::Column::Balance).sub(amount.won()))
+            .col_expr(user::Column::Version, Expr::col(user::Column::Version).add(1))
+            .col_expr(user::Column::UpdatedAt, Expr::value(now))
+            .filter(user::Column::Id.eq(user_id.get()))
+            .filter(user::Column::DeletedAt.is_null())
+            .filter(user::Column::Balance.gte(amount.won()))
+            .exec_with_returning(&self.tx)
+            .await
+            .map_err(db)?;
+        rows.into_iter().next().map(|u| Ok(Money::new(u.balance)?)).transpose()
+    }
+
+    async fn balance(&mut self, user_id: UserId) -> Result<Money, DomainError> {
+        let row = user::Entity::find_by_id(user_id.get()).one(&self.tx).await.map_err(db)?;
+        row.map(|u| Ok(Money::new(u.balance)?)).unwrap_or(Err(DomainError::UserNotFound(user_id)))
+    }
+
+    async fn add_daily_sales(&mut self, sales: &[DailySales], now: DateTime<Utc>) -> Result<(), DomainError> {
+        for sale in sales {
+            // One upsert per (day, option): the first sale of a day inserts the row, the rest add to it, and
+            // two first sales at once cannot both insert (the reference's duplicate-key failure).
+            let current = Expr::col((daily::Entity, daily::Column::TotalSold));
+            daily::Entity::insert(daily::ActiveModel {
+                product_id: Set(sale.product_id.get()),
+                product_option_id: Set(sale.option_id.get()),
+                sold_date: Set(sale.day),
+                total_sold: Set(sale.units),
+                updated_at: Set(now),
+                ..Default::default()
+            })
+            .on_conflict(
+                OnConflict::columns([daily::Column::SoldDate, daily::Column::ProductOptionId])
+                    .value(daily::Column::TotalSold, current.add(sale.units))
+                    .value(daily::Column::UpdatedAt, now)
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.tx)
+            .await
+            .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    async fn decrement_stock(
+        &mut self,
+        id: ProductOptionId,
+        quantity: Quantity,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DomainError> {
+        let n = quantity.get();
+        let result = product_option::Entity::update_many()
+            .col_expr(product_option::Column::Stock, Expr::col(product_option::Column::Stock).sub(n))
+            .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
+            .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
+            .filter(product_option::Column::Id.eq(id.get()))
+            .filter(product_option::Column::Stock.gte(n))
+            .exec(&self.tx)
+            .await
+            .map_err(db)?;
+        Ok(result.rows_affected == 1)
+    }
+
+    async fn lock_stock(&mut self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError> {
+        self.stock_rows(ids, true).await
+    }
+
+    async fn read_stock(&mut self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError> {
+        self.stock_rows(ids, false).await
+    }
+
+    async fn write_stock(
+        &mut self,
+        id: ProductOptionId,
+        stock: Stock,
+        expected_version: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DomainError> {
+        let mut update = product_option::Entity::update_many()
+            .col_expr(product_option::Column::Stock, Expr::value(stock.get()))
+            .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
+            .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
+            .filter(product_option::Column::Id.eq(id.get()));
+        if let Some(version) = expected_version {
+            update = update.filter(product_option::Column::Version.eq(version));
+        }
+        Ok(update.exec(&self.tx).await.map_err(db)?.rows_affected == 1)
+    }
+
+    async fn restore_stock(&mut self, lines: &[OrderLine], now: DateTime<Utc>) -> Result<(), DomainError> {
+        for line in lines {
+            product_option::Entity::update_many()
+                .col_expr(
+                    product_option::Column::Stock,
+                    Expr::col(product_option::Column::Stock).add(line.quantity.get()),
+                )
+                .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
+                .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
+                .filter(product_option::Column::Id.eq(line.option_id.get()))
+                .exec(&self.tx)
+                .await
+                .map_err(db)?;
+        }
+        Ok(())
+    }
+
     async fn commit(self: Box<Self>) -> Result<(), DomainError> {
         self.tx.commit().await.map_err(db)
+    }
+}
+
+impl SeaTransaction {
+    /// Stock rows ascending by id; `lock` takes `FOR NO KEY UPDATE` row locks on PostgreSQL (SQLite has none
+    /// and needs none: its IMMEDIATE transactions already run one writer at a time).
+    async fn stock_rows(&self, ids: &[ProductOptionId], lock: bool) -> Result<Vec<StockRow>, DomainError> {
+        let mut query = product_option::Entity::find()
+            .select_only()
+            .column(product_option::Column::Id)
+            .column(product_option::Column::Stock)
+            .column(product_option::Column::Version)
+            .filter(product_option::Column::Id.is_in(ids.iter().map(|id| id.get())))
+            .order_by_asc(product_option::Column::Id);
+        if lock && self.tx.get_database_backend() == DbBackend::Postgres {
+            query = query.lock(LockType::NoKeyUpdate);
+        }
+        let rows: Vec<(i64, i64, i64)> = query.into_tuple().all(&self.tx).await.map_err(db)?;
+        rows.into_iter()
+            .map(|(id, stock, version)| {
+                Ok(StockRow { option_id: ProductOptionId::new(id)?, stock: Stock::new(stock)?, version })
+            })
+            .collect()
     }
 }

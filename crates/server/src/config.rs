@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -87,6 +88,54 @@ pub struct Settings {
     pub seed_demo: bool,
     /// Redis, for the `redis-*` strategies.
     pub redis_url: Option<String>,
+    /// Retries of a whole order transaction after an optimistic conflict, before 503 `LOCK_TIMEOUT`.
+    pub optimistic_max_retries: u32,
+    /// How long an order waits for its stock locks before 503 `LOCK_TIMEOUT`, in milliseconds.
+    pub lock_wait_ms: u64,
+    /// How long an order may stay unpaid before the sweeper cancels it: `900`, `90s`, `15m`, `1h`.
+    #[serde(with = "duration_text")]
+    pub order_payment_timeout: Duration,
+    /// How often the sweeper looks for unpaid orders past the timeout.
+    #[serde(with = "duration_text")]
+    pub order_sweep_interval: Duration,
+}
+
+/// Durations as people write them: `250ms`, `90s`, `15m`, `1h`; a bare number is seconds.
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 90s, 15m or 1h"))?;
+        match unit.trim() {
+            "" | "s" => Ok(Duration::from_secs(n)),
+            "ms" => Ok(Duration::from_millis(n)),
+            "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+            "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+            other => Err(format!("unknown unit `{other}` in `{text}`: use ms, s, m or h")),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Seconds(n) => Ok(Duration::from_secs(n)),
+            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 impl fmt::Debug for Settings {
@@ -103,6 +152,10 @@ impl fmt::Debug for Settings {
             .field("http_workers", &self.http_workers)
             .field("seed_demo", &self.seed_demo)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("optimistic_max_retries", &self.optimistic_max_retries)
+            .field("lock_wait_ms", &self.lock_wait_ms)
+            .field("order_payment_timeout", &self.order_payment_timeout)
+            .field("order_sweep_interval", &self.order_sweep_interval)
             .finish()
     }
 }
@@ -149,6 +202,11 @@ impl Default for Settings {
             http_workers: None,
             seed_demo: true,
             redis_url: None,
+            optimistic_max_retries: 50,
+            lock_wait_ms: 5_000,
+            // The reference's timeout.
+            order_payment_timeout: Duration::from_secs(15 * 60),
+            order_sweep_interval: Duration::from_secs(30),
         }
     }
 }
@@ -212,19 +270,13 @@ impl Settings {
                     .into(),
             });
         }
-        if self.stock_strategy.needs_redis() {
-            if self.redis_url.is_none() {
-                return Err(ConfigError::Invalid {
-                    key: "SHOP_STOCK_STRATEGY",
-                    message: format!("{} needs Redis: set SHOP_REDIS_URL", self.stock_strategy),
-                });
-            }
+        if self.order_sweep_interval.is_zero() {
+            return Err(ConfigError::Invalid { key: "SHOP_ORDER_SWEEP_INTERVAL", message: "must be positive".into() });
+        }
+        if self.stock_strategy.needs_redis() && self.redis_url.is_none() {
             return Err(ConfigError::Invalid {
                 key: "SHOP_STOCK_STRATEGY",
-                message: format!(
-                    "{} is not available in this version: use conditional, optimistic, pessimistic or local",
-                    self.stock_strategy
-                ),
+                message: format!("{} needs Redis: set SHOP_REDIS_URL", self.stock_strategy),
             });
         }
         Ok(())
@@ -273,6 +325,18 @@ mod tests {
     }
 
     #[test]
+    fn durations_read_as_people_write_them() {
+        use super::duration_text::parse;
+        assert_eq!(parse("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse("42"), Ok(Duration::from_secs(42)));
+        assert!(parse("soon").is_err());
+        assert!(parse("5d").is_err());
+    }
+
+    #[test]
     fn secrets_are_redacted() {
         assert_eq!(redact_url("postgres://shop:hunter2@db:5432/shop"), "postgres://shop:***@db:5432/shop");
         assert_eq!(redact_url("sqlite://shop.db"), "sqlite://shop.db");
@@ -289,6 +353,10 @@ mod tests {
             let s = Settings::load(Some(Path::new("shop.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(s.http_addr.port(), 9000);
             assert_eq!(s.admin_token.as_deref(), Some("from-the-env"));
+            jail.set_env("SHOP_ORDER_PAYMENT_TIMEOUT", "2m");
+            jail.set_env("SHOP_ORDER_SWEEP_INTERVAL", "5");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!((s.order_payment_timeout.as_secs(), s.order_sweep_interval.as_secs()), (120, 5));
             jail.set_env("SHOP_ADMIN_TOKEN", "12345678");
             assert_eq!(Settings::load(None).map_err(|e| e.to_string())?.admin_token.as_deref(), Some("12345678"));
             jail.set_env("SHOP_STOCK_STRATEGY", "bogus");

@@ -4,9 +4,11 @@
 //! the binary and the API tests.
 //!
 //! - [`config`]: typed settings (defaults < TOML file < `SHOP_*` environment), validated at start-up.
+//! - [`events`]: the in-process event broadcast and its logging subscriber.
 //! - [`telemetry`]: the tracing subscriber.
 
 pub mod config;
+pub mod events;
 pub mod telemetry;
 
 use std::sync::Arc;
@@ -16,13 +18,20 @@ use actix_web::HttpServer;
 use actix_web::dev::{Server, ServerHandle};
 use sea_orm::DatabaseConnection;
 use shop_domain::ports::{Clock, SystemClock};
-use shop_domain::services::{CartService, CatalogService, UserService};
+use shop_domain::services::{CartService, CatalogService, OrderService, UserService};
+use shop_domain::stock::{
+    ConditionalStock, LocalLockStock, OptimisticStock, PessimisticStock, RetryPolicy, StockStrategy,
+};
 use shop_http::AppState;
 use shop_persistence::{
-    DatabaseProbe, PoolSettings, SeaCartRepository, SeaProductRepository, SeaUnitOfWork, SeaUserRepository,
+    DatabaseProbe, PoolSettings, SeaCartRepository, SeaOrderRepository, SeaProductRepository, SeaUnitOfWork,
+    SeaUserRepository,
 };
+use tokio::task::JoinHandle;
 
-pub use config::{ConfigError, Settings, StockStrategy};
+use crate::events::BroadcastPublisher;
+
+pub use config::{ConfigError, Settings, StockStrategy as StockStrategyName};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +66,8 @@ pub struct Application {
     server: Server,
     port: u16,
     db: DatabaseConnection,
+    orders: OrderService,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Application {
@@ -88,7 +99,15 @@ impl Application {
                 }
             }
         }
-        let state = wire(&settings, &db, clock);
+        let events = BroadcastPublisher::new(1024);
+        let mut background = vec![tokio::spawn(events::log_events(events.subscribe()))];
+        let state = wire(&settings, &db, clock, Arc::new(events))?;
+        background.push(tokio::spawn(sweep_overdue_orders(
+            state.orders.clone(),
+            settings.order_payment_timeout,
+            settings.order_sweep_interval,
+        )));
+        let orders = state.orders.clone();
         let doc = shop_http::openapi();
         let mut server = HttpServer::new(move || shop_http::app(state.clone(), doc.clone()))
             // In-flight requests get this long to finish after SIGTERM.
@@ -104,7 +123,7 @@ impl Application {
             addr = %settings.http_addr, port, strategy = %settings.stock_strategy,
             "listening; Swagger UI at /swagger-ui/"
         );
-        Ok(Self { server: server.run(), port, db })
+        Ok(Self { server: server.run(), port, db, orders, background })
     }
 
     #[must_use]
@@ -124,29 +143,94 @@ impl Application {
         self.db.clone()
     }
 
+    /// The order use case as wired, for tests that drive the sweeper directly.
+    #[must_use]
+    pub fn orders(&self) -> OrderService {
+        self.orders.clone()
+    }
+
     /// Serves until SIGTERM / SIGINT (graceful) or [`ServerHandle::stop`].
     ///
     /// # Errors
     /// The server's I/O error.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await?;
+        let served = self.server.await;
+        for task in &self.background {
+            task.abort();
+        }
+        served?;
         self.db.close().await.ok();
         tracing::info!("stopped");
         Ok(())
     }
 }
 
+/// The stock strategy the settings name.
+fn stock_strategy(settings: &Settings) -> Result<Arc<dyn StockStrategy>, ConfigError> {
+    let wait = Duration::from_millis(settings.lock_wait_ms);
+    Ok(match settings.stock_strategy {
+        StockStrategyName::Conditional => Arc::new(ConditionalStock),
+        StockStrategyName::Pessimistic => Arc::new(PessimisticStock),
+        StockStrategyName::Optimistic => Arc::new(OptimisticStock::new(RetryPolicy {
+            max_retries: settings.optimistic_max_retries,
+            base: Duration::from_millis(2),
+            cap: Duration::from_millis(100),
+        })),
+        StockStrategyName::Local => {
+            if !settings.is_sqlite() {
+                tracing::warn!("the local strategy locks within this process only: run one instance per database");
+            }
+            Arc::new(LocalLockStock::new(wait))
+        }
+        // Refused by `Settings::validate` until the Redis adapter exists.
+        StockStrategyName::RedisSpin
+        | StockStrategyName::RedisRedlock
+        | StockStrategyName::RedisPubsub
+        | StockStrategyName::RedisOptimistic => {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_STOCK_STRATEGY",
+                message: format!(
+                    "{} is not available in this version: use conditional, optimistic, pessimistic or local",
+                    settings.stock_strategy
+                ),
+            });
+        }
+    })
+}
+
+/// Cancels unpaid orders past the timeout, every `interval`, for as long as the server runs. Several instances
+/// may all run it: each order is cancelled, and its stock given back, exactly once.
+async fn sweep_overdue_orders(orders: OrderService, timeout: Duration, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match orders.expire_overdue(timeout, 100).await {
+            Ok(0) => {}
+            Ok(cancelled) => tracing::info!(cancelled, "cancelled unpaid orders past the payment timeout"),
+            Err(e) => tracing::warn!(error = %e, "the overdue-order sweep failed; it runs again next interval"),
+        }
+    }
+}
+
 /// One factory for every adapter the settings choose.
-fn wire(settings: &Settings, db: &DatabaseConnection, clock: Arc<dyn Clock>) -> AppState {
+fn wire(
+    settings: &Settings,
+    db: &DatabaseConnection,
+    clock: Arc<dyn Clock>,
+    events: Arc<BroadcastPublisher>,
+) -> Result<AppState, ConfigError> {
     let users = Arc::new(SeaUserRepository::new(db.clone()));
     let products = Arc::new(SeaProductRepository::new(db.clone()));
     let carts = Arc::new(SeaCartRepository::new(db.clone()));
+    let orders = Arc::new(SeaOrderRepository::new(db.clone()));
     let uow = Arc::new(SeaUnitOfWork::new(db.clone()));
-    AppState {
+    Ok(AppState {
         users: UserService::new(users.clone(), clock.clone()),
         catalog: CatalogService::new(products, clock.clone()),
+        orders: OrderService::new(uow.clone(), orders, users.clone(), stock_strategy(settings)?, clock.clone(), events),
         cart: CartService::new(carts, users, uow, clock),
         admin_token: settings.admin_token.as_deref().map(Arc::from),
         probes: vec![Arc::new(DatabaseProbe::new(db.clone()))],
-    }
+    })
 }

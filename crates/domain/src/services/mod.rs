@@ -2,8 +2,10 @@
 
 pub mod cart;
 pub mod catalog;
+pub mod orders;
 pub mod users;
 
 pub use cart::CartService;
 pub use catalog::CatalogService;
+pub use orders::OrderService;
 pub use users::UserService;

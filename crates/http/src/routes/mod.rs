@@ -3,5 +3,6 @@
 pub mod admin;
 pub mod cart;
 pub mod health;
+pub mod orders;
 pub mod products;
 pub mod users;

@@ -6,7 +6,8 @@ use actix_web::dev::ServerHandle;
 use reqwest::header::HeaderMap;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use serde_json::Value;
-use shop_server::{Application, Settings};
+use shop_domain::services::OrderService;
+use shop_server::{Application, Settings, StockStrategyName};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
@@ -53,6 +54,9 @@ pub struct TestApp {
     /// The pool the application uses: tests read and arrange rows behind the API with it.
     pub db: DatabaseConnection,
     pub store: Store,
+    /// The order use case as wired, to run the sweeper on demand.
+    pub orders: OrderService,
+    pub strategy: StockStrategyName,
     handle: ServerHandle,
     _backing: Backing,
 }
@@ -114,13 +118,16 @@ impl TestApp {
         };
         let mut settings = base_settings(url);
         tweak(&mut settings);
+        let settings_strategy = settings.stock_strategy;
         let app = Application::build(settings).await.expect("the application starts");
         let base = format!("http://127.0.0.1:{}", app.port());
         let db = app.database();
+        let orders = app.orders();
+        let strategy = settings_strategy;
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
-        Some(Self { base, client, db, store, handle, _backing: backing })
+        Some(Self { base, client, db, store, orders, strategy, handle, _backing: backing })
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
@@ -168,6 +175,34 @@ impl TestApp {
         r.body["id"].as_i64().expect("id")
     }
 
+    /// Creates `n` users with `balance` each in one statement (a race needs many buyers fast); their ids.
+    pub async fn users(&self, n: usize, balance: i64) -> Vec<i64> {
+        use sea_orm::ConnectionTrait;
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let rows: Vec<String> =
+            (0..n).map(|i| format!("('{tag}-{i}', {balance}, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)")).collect();
+        let sql =
+            format!("INSERT INTO users (name, balance, version, created_at, updated_at) VALUES {}", rows.join(", "));
+        self.db.execute_unprepared(&sql).await.expect("insert users");
+        self.scalars(&format!("SELECT id FROM users WHERE name LIKE '{tag}-%' ORDER BY id")).await
+    }
+
+    /// The first column of every row of `sql`, as integers.
+    pub async fn scalars(&self, sql: &str) -> Vec<i64> {
+        use sea_orm::{ConnectionTrait, Statement};
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_string(self.db.get_database_backend(), sql.to_owned()))
+            .await
+            .expect("query");
+        rows.iter().map(|r| r.try_get_by_index::<i64>(0).expect("an integer column")).collect()
+    }
+
+    /// One integer from `sql`.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        self.scalars(sql).await.first().copied().expect("one row")
+    }
+
     /// Creates a product through the admin API and returns it.
     pub async fn product(&self, name: &str, options: &[(&str, i64, i64)]) -> Value {
         let options: Vec<Value> = options
@@ -210,6 +245,44 @@ impl Resp {
         let p = self.problem(400, "VALIDATION_FAILED");
         assert_eq!(p["field"], field, "{self:?}");
     }
+}
+
+/// Runs each listed `async fn(TestApp)` with every stock strategy on every store that can serve it:
+/// PostgreSQL with all four, SQLite with all but `pessimistic` (which SQLite cannot serve).
+#[macro_export]
+macro_rules! on_every_strategy {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            use $crate::helpers::{Store, TestApp};
+            use shop_server::StockStrategyName as S;
+
+            async fn run(store: Store, strategy: S) {
+                if let Some(app) = TestApp::spawn_with(store, |s| {
+                    s.stock_strategy = strategy;
+                    s.db_max_connections = 16;
+                })
+                .await
+                {
+                    super::$case(app).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_conditional() { run(Store::Postgres, S::Conditional).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_optimistic() { run(Store::Postgres, S::Optimistic).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_pessimistic() { run(Store::Postgres, S::Pessimistic).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_local() { run(Store::Postgres, S::Local).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite_conditional() { run(Store::Sqlite, S::Conditional).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite_optimistic() { run(Store::Sqlite, S::Optimistic).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite_local() { run(Store::Sqlite, S::Local).await }
+        }
+    )*};
 }
 
 /// Runs each listed `async fn(TestApp)` once on SQLite and once on PostgreSQL.

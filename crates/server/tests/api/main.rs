@@ -6,5 +6,6 @@ mod admin;
 mod cart;
 mod helpers;
 mod operations;
+mod orders;
 mod products;
 mod users;

@@ -71,6 +71,10 @@ async fn served_openapi_document_is_the_checked_in_one() {
         "/api/v1/users/{userId}/cart",
         "/api/v1/users/{userId}/cart/items",
         "/api/v1/users/{userId}/cart/items/{cartItemId}",
+        "/api/v1/orders",
+        "/api/v1/orders/{orderId}",
+        "/api/v1/orders/{orderId}/payment",
+        "/api/v1/users/{userId}/orders",
         "/health/live",
         "/health/ready",
     ] {
