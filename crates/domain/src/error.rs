@@ -59,6 +59,10 @@ pub enum DomainError {
     /// A lock or a retry budget ran out; the client may retry after `retry_after_secs`.
     #[error("could not get the stock lock in time")]
     LockTimeout { retry_after_secs: u32 },
+    /// A lock held outside the database expired before the stock write: a newer holder has written, and the
+    /// fence refused this one. The transaction rolls back; the client may retry.
+    #[error("the stock lock of option {option_id} expired before the write")]
+    StaleLock { option_id: ProductOptionId },
     /// An optimistic write lost a race; use cases retry it and never let it reach a client.
     #[error("a concurrent write changed the data first")]
     WriteConflict,

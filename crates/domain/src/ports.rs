@@ -226,6 +226,17 @@ pub trait Transaction: Send {
         now: DateTime<Utc>,
     ) -> Result<bool, DomainError>;
 
+    /// The conditional decrement of a lock holder: also refuses when the row has already accepted a write under
+    /// a newer fencing token than `fence` (the lock passed on while this holder was paused), and records
+    /// `fence` as the newest when it writes.
+    async fn decrement_stock_fenced(
+        &mut self,
+        id: ProductOptionId,
+        quantity: Quantity,
+        fence: u64,
+        now: DateTime<Utc>,
+    ) -> Result<FencedWrite, DomainError>;
+
     /// Locks the options' rows until the transaction ends (`SELECT ... FOR NO KEY UPDATE`, ascending by id)
     /// and reads them.
     async fn lock_stock(&mut self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError>;
@@ -247,6 +258,15 @@ pub trait Transaction: Send {
     async fn restore_stock(&mut self, lines: &[OrderLine], now: DateTime<Utc>) -> Result<(), DomainError>;
 
     async fn commit(self: Box<Self>) -> Result<(), DomainError>;
+}
+
+/// What a fenced stock write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FencedWrite {
+    Written,
+    OutOfStock,
+    /// The row has accepted a newer fencing token: this holder's lock is stale.
+    Fenced,
 }
 
 /// An option's stock and the version that optimistic writers compare.

@@ -166,8 +166,9 @@ impl ApiError {
                 D::OutOfStock { .. } => entry(StatusCode::CONFLICT, "OUT_OF_STOCK", "Out of stock"),
                 D::ProductNotOnSale { .. } => entry(StatusCode::CONFLICT, "PRODUCT_NOT_ON_SALE", "Product not on sale"),
                 D::OrderNotPayable { .. } => entry(StatusCode::CONFLICT, "ORDER_NOT_PAYABLE", "Order not payable"),
-                // A conflict that outlived its retries is, to the client, a lock it could not get in time.
-                D::LockTimeout { .. } | D::WriteConflict => {
+                // A conflict that outlived its retries, or a lock that expired under its holder, is to the client
+                // a lock it could not get in time: nothing was kept, and a retry may succeed.
+                D::LockTimeout { .. } | D::WriteConflict | D::StaleLock { .. } => {
                     entry(StatusCode::SERVICE_UNAVAILABLE, "LOCK_TIMEOUT", "Lock wait timed out")
                 }
                 D::Unexpected(_) => entry(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", "Internal server error"),
@@ -235,7 +236,7 @@ impl ResponseError for ApiError {
         if let Self::Domain(DomainError::LockTimeout { retry_after_secs }) = self {
             response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
         }
-        if let Self::Domain(DomainError::WriteConflict) = self {
+        if let Self::Domain(DomainError::WriteConflict | DomainError::StaleLock { .. }) = self {
             response.insert_header((header::RETRY_AFTER, "1"));
         }
         if let Self::Unauthorized = self {

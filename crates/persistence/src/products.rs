@@ -121,6 +121,7 @@ impl ProductRepository for SeaProductRepository {
                 price: Set(option.price().won()),
                 stock: Set(option.stock().get()),
                 version: Set(0),
+                fence_token: Set(0),
                 created_at: Set(now),
                 updated_at: Set(now),
                 deleted_at: Set(None),

@@ -65,6 +65,7 @@ pub async fn seed_demo(db: &DatabaseConnection, now: DateTime<Utc>) -> Result<Op
                 price: Set(*price),
                 stock: Set(*stock),
                 version: Set(0),
+                fence_token: Set(0),
                 created_at: Set(now),
                 updated_at: Set(now),
                 deleted_at: Set(None),

@@ -15,7 +15,7 @@ use shop_domain::ids::{OrderId, PaymentId, ProductOptionId, UserId};
 use shop_domain::money::{Money, Quantity, Stock};
 use shop_domain::order::{NewOrder, Order, OrderLine, OrderStatus, OrderableOption};
 use shop_domain::payment::{PaymentMethod, PaymentStatus};
-use shop_domain::ports::{StockRow, Transaction, UnitOfWork};
+use shop_domain::ports::{FencedWrite, StockRow, Transaction, UnitOfWork};
 use shop_domain::product::ProductOption;
 use shop_domain::sales::DailySales;
 
@@ -342,6 +342,44 @@ impl Transaction for SeaTransaction {
             .await
             .map_err(db)?;
         Ok(result.rows_affected == 1)
+    }
+
+    async fn decrement_stock_fenced(
+        &mut self,
+        id: ProductOptionId,
+        quantity: Quantity,
+        fence: u64,
+        now: DateTime<Utc>,
+    ) -> Result<FencedWrite, DomainError> {
+        let n = quantity.get();
+        let fence = i64::try_from(fence).map_err(DomainError::unexpected)?;
+        // Equal tokens pass: one lock hold may write its option more than once.
+        let result = product_option::Entity::update_many()
+            .col_expr(product_option::Column::Stock, Expr::col(product_option::Column::Stock).sub(n))
+            .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
+            .col_expr(product_option::Column::FenceToken, Expr::value(fence))
+            .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
+            .filter(product_option::Column::Id.eq(id.get()))
+            .filter(product_option::Column::Stock.gte(n))
+            .filter(product_option::Column::FenceToken.lte(fence))
+            .exec(&self.tx)
+            .await
+            .map_err(db)?;
+        if result.rows_affected == 1 {
+            return Ok(FencedWrite::Written);
+        }
+        // Which condition refused it: the fence is the one that matters for safety, so it is checked first.
+        let newest: Option<i64> = product_option::Entity::find_by_id(id.get())
+            .select_only()
+            .column(product_option::Column::FenceToken)
+            .into_tuple()
+            .one(&self.tx)
+            .await
+            .map_err(db)?;
+        Ok(match newest {
+            Some(newest) if newest > fence => FencedWrite::Fenced,
+            _ => FencedWrite::OutOfStock,
+        })
     }
 
     async fn lock_stock(&mut self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError> {

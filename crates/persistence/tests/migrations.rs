@@ -56,6 +56,7 @@ fn option_model(product_id: i64, stock: i64) -> product_option::ActiveModel {
         price: Set(12_000),
         stock: Set(stock),
         version: Set(0),
+        fence_token: Set(0),
         created_at: Set(at(9)),
         updated_at: Set(at(9)),
         deleted_at: Set(None),

@@ -14,7 +14,7 @@ use crate::page::{Page, PageRequest};
 use crate::payment::{Payment, PaymentStatus};
 use crate::ports::{Clock, DomainEvent, EventPublisher, OrderRepository, Transaction, UnitOfWork, UserRepository};
 use crate::sales::DailySales;
-use crate::stock::StockStrategy;
+use crate::stock::{StockPermit, StockStrategy};
 
 #[derive(Clone)]
 pub struct OrderService {
@@ -64,11 +64,11 @@ impl OrderService {
     /// [`DomainError::UserNotFound`], [`DomainError::ProductOptionNotFound`], [`DomainError::ProductNotOnSale`],
     /// [`DomainError::OutOfStock`], [`DomainError::LockTimeout`] (a lock wait or the optimistic retries ran out).
     pub async fn create(&self, request: OrderRequest) -> Result<Order, DomainError> {
-        let _permit = self.stock.acquire(request.lines()).await?;
+        let permit = self.stock.acquire(request.lines()).await?;
         let retry = self.stock.retry_policy();
         let mut attempt = 0;
         let order = loop {
-            match self.try_create(&request).await {
+            match self.try_create(&request, &permit).await {
                 Err(DomainError::WriteConflict) if attempt < retry.max_retries => {
                     tokio::time::sleep(retry.delay(attempt)).await;
                     attempt += 1;
@@ -81,6 +81,7 @@ impl OrderService {
             }
         };
         // The permit (a lock) is released only now, after the commit.
+        drop(permit);
         self.events.publish(DomainEvent::OrderCreated {
             order_id: order.id,
             user_id: order.user_id,
@@ -89,7 +90,7 @@ impl OrderService {
         Ok(order)
     }
 
-    async fn try_create(&self, request: &OrderRequest) -> Result<Order, DomainError> {
+    async fn try_create(&self, request: &OrderRequest, permit: &StockPermit) -> Result<Order, DomainError> {
         let now = self.clock.now();
         let ids: Vec<ProductOptionId> = request.lines().iter().map(|l| l.option_id).collect();
         let mut tx = self.uow.begin().await?;
@@ -101,7 +102,7 @@ impl OrderService {
         let order = tx.insert_order(&new).await?;
         tx.remove_from_cart(request.user_id(), &ids, now).await?;
         // Last, so that whatever it locks is held only until the commit just below.
-        self.stock.take(tx.as_mut(), request.lines(), now).await?;
+        self.stock.take(tx.as_mut(), request.lines(), permit, now).await?;
         tx.commit().await?;
         Ok(order)
     }

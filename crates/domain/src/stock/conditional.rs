@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::StockStrategy;
+use super::{StockPermit, StockStrategy};
 use crate::error::DomainError;
 use crate::order::OrderLine;
 use crate::ports::Transaction;
@@ -19,7 +19,13 @@ impl StockStrategy for ConditionalStock {
         "conditional"
     }
 
-    async fn take(&self, tx: &mut dyn Transaction, lines: &[OrderLine], now: DateTime<Utc>) -> Result<(), DomainError> {
+    async fn take(
+        &self,
+        tx: &mut dyn Transaction,
+        lines: &[OrderLine],
+        _permit: &StockPermit,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
         for line in lines {
             if !tx.decrement_stock(line.option_id, line.quantity, now).await? {
                 return Err(DomainError::OutOfStock { option_id: line.option_id });
@@ -46,7 +52,10 @@ mod tests {
         let mut seq = mockall::Sequence::new();
         tx.expect_decrement_stock().times(1).in_sequence(&mut seq).returning(|id, _, _| Ok(id.get() == 1));
         tx.expect_decrement_stock().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(false));
-        let err = ConditionalStock.take(&mut tx, &[line(1), line(2), line(3)], Utc::now()).await.unwrap_err();
+        let err = ConditionalStock
+            .take(&mut tx, &[line(1), line(2), line(3)], &StockPermit::none(), Utc::now())
+            .await
+            .unwrap_err();
         assert!(matches!(err, DomainError::OutOfStock { option_id } if option_id.get() == 2));
     }
 }

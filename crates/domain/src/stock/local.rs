@@ -57,8 +57,14 @@ impl StockStrategy for LocalLockStock {
         Ok(StockPermit::holding(guards))
     }
 
-    async fn take(&self, tx: &mut dyn Transaction, lines: &[OrderLine], now: DateTime<Utc>) -> Result<(), DomainError> {
-        ConditionalStock.take(tx, lines, now).await
+    async fn take(
+        &self,
+        tx: &mut dyn Transaction,
+        lines: &[OrderLine],
+        _permit: &StockPermit,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        ConditionalStock.take(tx, lines, _permit, now).await
     }
 }
 

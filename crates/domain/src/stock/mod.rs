@@ -17,38 +17,83 @@ pub mod pessimistic;
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rand::Rng;
 
 use crate::error::DomainError;
+use crate::ids::ProductOptionId;
 use crate::order::OrderLine;
-use crate::ports::Transaction;
+use crate::ports::{FencedWrite, Transaction};
 
 pub use conditional::ConditionalStock;
 pub use local::LocalLockStock;
 pub use optimistic::OptimisticStock;
 pub use pessimistic::PessimisticStock;
 
-/// Whatever a strategy holds from before the transaction until after it (a lock guard); dropping it releases.
+/// Whatever a strategy holds from before the transaction until after it (lock guards; dropping the permit
+/// releases them), and the fencing token each lock was granted with.
 #[derive(Default)]
-pub struct StockPermit(Option<Box<dyn Send + Sync>>);
+pub struct StockPermit {
+    guard: Option<Box<dyn Send + Sync>>,
+    fences: BTreeMap<ProductOptionId, u64>,
+}
 
 impl StockPermit {
     #[must_use]
     pub fn none() -> Self {
-        Self(None)
+        Self::default()
     }
 
     pub fn holding(guard: impl Send + Sync + 'static) -> Self {
-        Self(Some(Box::new(guard)))
+        Self { guard: Some(Box::new(guard)), fences: BTreeMap::new() }
+    }
+
+    /// A permit whose locks carry fencing tokens: strictly increasing per option, so the row can refuse a write
+    /// from a holder whose lock has already passed to someone newer.
+    pub fn fenced(guard: impl Send + Sync + 'static, fences: BTreeMap<ProductOptionId, u64>) -> Self {
+        Self { guard: Some(Box::new(guard)), fences }
+    }
+
+    /// The fencing token of this option's lock, if the strategy fences.
+    #[must_use]
+    pub fn fence(&self, option: ProductOptionId) -> Option<u64> {
+        self.fences.get(&option).copied()
     }
 }
 
 impl std::fmt::Debug for StockPermit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "StockPermit(held)" } else { "StockPermit(none)" })
+        f.debug_struct("StockPermit").field("held", &self.guard.is_some()).field("fences", &self.fences).finish()
     }
+}
+
+/// Takes every line with the conditional decrement, carrying each option's fencing token: the write of a
+/// strategy that locks outside the database (Redis). A holder that was paused past its lease finds its token
+/// older than the row's and its write refused.
+///
+/// # Errors
+/// [`DomainError::OutOfStock`]; [`DomainError::StaleLock`] when the row has accepted a newer token;
+/// [`DomainError::Unexpected`] when the permit has no token for a line (a strategy bug).
+pub async fn take_fenced(
+    tx: &mut dyn Transaction,
+    lines: &[OrderLine],
+    permit: &StockPermit,
+    now: DateTime<Utc>,
+) -> Result<(), DomainError> {
+    for line in lines {
+        let fence = permit
+            .fence(line.option_id)
+            .ok_or_else(|| DomainError::unexpected(format!("no fencing token for option {}", line.option_id)))?;
+        match tx.decrement_stock_fenced(line.option_id, line.quantity, fence, now).await? {
+            FencedWrite::Written => {}
+            FencedWrite::OutOfStock => return Err(DomainError::OutOfStock { option_id: line.option_id }),
+            FencedWrite::Fenced => return Err(DomainError::StaleLock { option_id: line.option_id }),
+        }
+    }
+    Ok(())
 }
 
 /// How often and how patiently a transaction is retried after a [`DomainError::WriteConflict`].
@@ -88,13 +133,20 @@ pub trait StockStrategy: Send + Sync {
         Ok(StockPermit::none())
     }
 
-    /// Takes the stock of every line inside `tx`, lines ascending by option id.
+    /// Takes the stock of every line inside `tx`, lines ascending by option id. `permit` is what
+    /// [`StockStrategy::acquire`] returned (with its fencing tokens, for strategies that fence).
     ///
     /// # Errors
     /// [`DomainError::OutOfStock`] naming the first short option (the caller rolls back);
     /// [`DomainError::WriteConflict`] when an optimistic write lost a race (the caller retries per
     /// [`StockStrategy::retry_policy`]).
-    async fn take(&self, tx: &mut dyn Transaction, lines: &[OrderLine], now: DateTime<Utc>) -> Result<(), DomainError>;
+    async fn take(
+        &self,
+        tx: &mut dyn Transaction,
+        lines: &[OrderLine],
+        permit: &StockPermit,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError>;
 
     /// How the whole order transaction is retried on [`DomainError::WriteConflict`].
     fn retry_policy(&self) -> RetryPolicy {
@@ -105,6 +157,35 @@ pub trait StockStrategy: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::money::Quantity;
+    use crate::ports::MockTransaction;
+
+    fn line(id: i64) -> OrderLine {
+        OrderLine { option_id: ProductOptionId::new(id).unwrap(), quantity: Quantity::new(1).unwrap() }
+    }
+
+    #[tokio::test]
+    async fn fenced_take_carries_each_options_token_and_reports_a_stale_lock() {
+        let fences = BTreeMap::from([(ProductOptionId::new(1).unwrap(), 41), (ProductOptionId::new(2).unwrap(), 7)]);
+        let permit = StockPermit::fenced((), fences);
+        let mut tx = MockTransaction::new();
+        tx.expect_decrement_stock_fenced()
+            .withf(|id, _, fence, _| (id.get(), *fence) == (1, 41))
+            .returning(|_, _, _, _| Ok(FencedWrite::Written));
+        tx.expect_decrement_stock_fenced()
+            .withf(|id, _, fence, _| (id.get(), *fence) == (2, 7))
+            .returning(|_, _, _, _| Ok(FencedWrite::Fenced));
+        let err = take_fenced(&mut tx, &[line(1), line(2)], &permit, Utc::now()).await.unwrap_err();
+        assert!(matches!(err, DomainError::StaleLock { option_id } if option_id.get() == 2));
+    }
+
+    #[tokio::test]
+    async fn fenced_take_without_a_token_is_a_bug_not_a_silent_write() {
+        let mut tx = MockTransaction::new();
+        tx.expect_decrement_stock_fenced().never();
+        let err = take_fenced(&mut tx, &[line(1)], &StockPermit::none(), Utc::now()).await.unwrap_err();
+        assert!(matches!(err, DomainError::Unexpected(_)));
+    }
 
     #[test]
     fn backoff_is_jittered_below_an_exponential_ceiling() {

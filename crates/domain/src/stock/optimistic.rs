@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{RetryPolicy, StockStrategy};
+use super::{RetryPolicy, StockPermit, StockStrategy};
 use crate::error::DomainError;
 use crate::ids::ProductOptionId;
 use crate::order::OrderLine;
@@ -29,7 +29,13 @@ impl StockStrategy for OptimisticStock {
         "optimistic"
     }
 
-    async fn take(&self, tx: &mut dyn Transaction, lines: &[OrderLine], now: DateTime<Utc>) -> Result<(), DomainError> {
+    async fn take(
+        &self,
+        tx: &mut dyn Transaction,
+        lines: &[OrderLine],
+        _permit: &StockPermit,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
         let ids: Vec<ProductOptionId> = lines.iter().map(|l| l.option_id).collect();
         let rows = tx.read_stock(&ids).await?;
         for line in lines {
@@ -77,7 +83,7 @@ mod tests {
         tx.expect_write_stock()
             .withf(|_, stock, expected, _| stock.get() == 3 && *expected == Some(7))
             .returning(|_, _, _, _| Ok(true));
-        strategy().take(&mut tx, &[line(2)], Utc::now()).await.unwrap();
+        strategy().take(&mut tx, &[line(2)], &StockPermit::none(), Utc::now()).await.unwrap();
     }
 
     #[tokio::test]
@@ -85,7 +91,10 @@ mod tests {
         let mut tx = MockTransaction::new();
         reads(&mut tx, 5, 7);
         tx.expect_write_stock().returning(|_, _, _, _| Ok(false));
-        assert!(matches!(strategy().take(&mut tx, &[line(2)], Utc::now()).await, Err(DomainError::WriteConflict)));
+        assert!(matches!(
+            strategy().take(&mut tx, &[line(2)], &StockPermit::none(), Utc::now()).await,
+            Err(DomainError::WriteConflict)
+        ));
     }
 
     #[tokio::test]
@@ -93,6 +102,9 @@ mod tests {
         let mut tx = MockTransaction::new();
         reads(&mut tx, 1, 7);
         tx.expect_write_stock().never();
-        assert!(matches!(strategy().take(&mut tx, &[line(2)], Utc::now()).await, Err(DomainError::OutOfStock { .. })));
+        assert!(matches!(
+            strategy().take(&mut tx, &[line(2)], &StockPermit::none(), Utc::now()).await,
+            Err(DomainError::OutOfStock { .. })
+        ));
     }
 }

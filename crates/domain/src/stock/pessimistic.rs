@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::StockStrategy;
+use super::{StockPermit, StockStrategy};
 use crate::error::DomainError;
 use crate::ids::ProductOptionId;
 use crate::order::OrderLine;
@@ -22,7 +22,13 @@ impl StockStrategy for PessimisticStock {
         "pessimistic"
     }
 
-    async fn take(&self, tx: &mut dyn Transaction, lines: &[OrderLine], now: DateTime<Utc>) -> Result<(), DomainError> {
+    async fn take(
+        &self,
+        tx: &mut dyn Transaction,
+        lines: &[OrderLine],
+        _permit: &StockPermit,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
         let ids: Vec<ProductOptionId> = lines.iter().map(|l| l.option_id).collect();
         let rows = tx.lock_stock(&ids).await?;
         for line in lines {
@@ -63,7 +69,7 @@ mod tests {
             .withf(|id, stock, expected, _| expected.is_none() && matches!((id.get(), stock.get()), (1, 3) | (2, 0)))
             .times(2)
             .returning(|_, _, _, _| Ok(true));
-        PessimisticStock.take(&mut tx, &[line(1, 2), line(2, 3)], Utc::now()).await.unwrap();
+        PessimisticStock.take(&mut tx, &[line(1, 2), line(2, 3)], &StockPermit::none(), Utc::now()).await.unwrap();
     }
 
     #[tokio::test]
@@ -71,7 +77,7 @@ mod tests {
         let mut tx = MockTransaction::new();
         tx.expect_lock_stock().returning(|_| Ok(vec![row(1, 1)]));
         tx.expect_write_stock().never();
-        let err = PessimisticStock.take(&mut tx, &[line(1, 2)], Utc::now()).await.unwrap_err();
+        let err = PessimisticStock.take(&mut tx, &[line(1, 2)], &StockPermit::none(), Utc::now()).await.unwrap_err();
         assert!(matches!(err, DomainError::OutOfStock { .. }));
     }
 }

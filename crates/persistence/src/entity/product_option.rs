@@ -15,6 +15,8 @@ pub struct Model {
     pub stock: i64,
     /// Optimistic-lock version.
     pub version: i64,
+    /// The newest fencing token a stock write was accepted under (Redis lock strategies).
+    pub fence_token: i64,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     pub deleted_at: Option<DateTimeUtc>,

@@ -4,6 +4,7 @@
 
 mod admin;
 mod cart;
+mod fencing;
 mod helpers;
 mod operations;
 mod orders;
