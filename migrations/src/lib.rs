@@ -12,6 +12,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_initial_schema;
 mod m20261125_000002_option_fence_token;
+mod m20261125_000003_idempotency_keys;
 
 /// The ordered list of the shop's schema migrations.
 #[derive(Debug, Clone, Copy, Default)]
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261125_000001_initial_schema::Migration),
             Box::new(m20261125_000002_option_fence_token::Migration),
+            Box::new(m20261125_000003_idempotency_keys::Migration),
         ]
     }
 }

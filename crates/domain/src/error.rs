@@ -66,6 +66,10 @@ pub enum DomainError {
     /// An optimistic write lost a race; use cases retry it and never let it reach a client.
     #[error("a concurrent write changed the data first")]
     WriteConflict,
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused,
+    #[error("the first request with this Idempotency-Key is still running")]
+    IdempotencyKeyInUse,
     #[error("unexpected failure: {0}")]
     Unexpected(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

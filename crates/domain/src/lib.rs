@@ -5,6 +5,7 @@
 //!
 //! - [`ids`], [`money`]: typed ids, money and quantities; invalid values cannot be built.
 //! - [`user`], [`product`], [`cart`], [`order`], [`payment`], [`sales`]: one module per aggregate.
+//! - [`idempotency`]: Idempotency-Key claims and the responses they replay.
 //! - [`page`]: paging of lists.
 //! - [`error`]: [`DomainError`], the one error type of every use case.
 //! - [`ports`]: repositories, the unit of work, clock, events, probes.
@@ -13,6 +14,7 @@
 
 pub mod cart;
 pub mod error;
+pub mod idempotency;
 pub mod ids;
 pub mod money;
 pub mod order;

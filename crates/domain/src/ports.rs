@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 
 use crate::cart::CartItem;
 use crate::error::DomainError;
+use crate::idempotency::{ClaimOutcome, IdempotencyClaim, IdempotencyKey, StoredResponse};
 use crate::ids::{CartItemId, OrderId, PaymentId, ProductId, ProductOptionId, UserId};
 use crate::money::{Money, Quantity, Stock};
 use crate::order::{NewOrder, Order, OrderLine, OrderStatus, OrderableOption};
@@ -257,7 +258,55 @@ pub trait Transaction: Send {
     /// Gives units back (`stock = stock + n`, version bumped), in the order given.
     async fn restore_stock(&mut self, lines: &[OrderLine], now: DateTime<Utc>) -> Result<(), DomainError>;
 
+    // --- idempotency ---
+
+    /// Completes the claim with `response` if it is still this claim (same token, still in progress);
+    /// `false` otherwise.
+    async fn record_response(
+        &mut self,
+        claim: &IdempotencyClaim,
+        response: &StoredResponse,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DomainError>;
+
+    /// Adds `amount` to the balance with the one conditional UPDATE of [`UserRepository::charge`], inside this
+    /// transaction.
+    ///
+    /// # Errors
+    /// As [`UserRepository::charge`].
+    async fn charge_balance(
+        &mut self,
+        id: UserId,
+        amount: ChargeAmount,
+        limit: Money,
+        now: DateTime<Utc>,
+    ) -> Result<Money, DomainError>;
+
     async fn commit(self: Box<Self>) -> Result<(), DomainError>;
+}
+
+/// Where idempotency keys live. Claims and releases run in short transactions of their own.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync {
+    /// Claims `key` for `user_id`'s request hashing to `request_hash`: inserts it in progress until `lease_until`,
+    /// or takes over an expired key or a claim whose lease ran out (its holder died), or reports what the key
+    /// already holds.
+    async fn claim(
+        &self,
+        user_id: UserId,
+        key: &IdempotencyKey,
+        request_hash: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<ClaimOutcome, DomainError>;
+
+    /// Deletes a claim that will not be completed (the request failed with a 5xx), if it is still this claim.
+    async fn release(&self, claim: &IdempotencyClaim) -> Result<(), DomainError>;
+
+    /// Deletes keys that expired before `now`; how many.
+    async fn purge_expired(&self, now: DateTime<Utc>) -> Result<u64, DomainError>;
 }
 
 /// What a fenced stock write did.

@@ -6,10 +6,12 @@
 //! - [`problem`]: [`ApiError`] and the one table from error to status and `code`.
 //! - [`extract`]: the JSON body extractor that names the field at fault, and the admin token check.
 //! - [`request_id`]: `x-request-id` and the per-request tracing span.
+//! - [`idempotency`]: the `Idempotency-Key` header: claim, replay, settle.
 //! - [`routes`]: one module per resource.
 //! - [`openapi()`]: the OpenAPI 3.1 document, built from the same registrations that serve the routes.
 
 pub mod extract;
+pub mod idempotency;
 pub mod problem;
 pub mod request_id;
 pub mod routes;
@@ -21,7 +23,7 @@ use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpResponse, web};
 use shop_domain::ports::Probe;
-use shop_domain::services::{CartService, CatalogService, OrderService, UserService};
+use shop_domain::services::{CartService, CatalogService, IdempotencyService, OrderService, UserService};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa_actix_web::AppExt;
@@ -37,6 +39,7 @@ pub struct AppState {
     pub catalog: CatalogService,
     pub cart: CartService,
     pub orders: OrderService,
+    pub idempotency: IdempotencyService,
     /// `None` disables the admin API (403 `ADMIN_DISABLED`).
     pub admin_token: Option<Arc<str>>,
     /// Asked by `/health/ready`.

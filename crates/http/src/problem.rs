@@ -138,41 +138,75 @@ const fn entry(status: StatusCode, code: &'static str, title: &'static str) -> E
     Entry { status, code, title }
 }
 
+/// The table of statuses and codes for domain errors. No `_` arm: a new variant must be given its answer here.
+fn domain_entry(error: &DomainError) -> Entry {
+    use DomainError as D;
+    match error {
+        D::Invalid(_) => entry(StatusCode::BAD_REQUEST, "VALIDATION_FAILED", "Validation failed"),
+        D::UserNotFound(_) => entry(StatusCode::NOT_FOUND, "USER_NOT_FOUND", "User not found"),
+        D::ProductNotFound(_) => entry(StatusCode::NOT_FOUND, "PRODUCT_NOT_FOUND", "Product not found"),
+        D::ProductOptionNotFound(_) => {
+            entry(StatusCode::NOT_FOUND, "PRODUCT_OPTION_NOT_FOUND", "Product option not found")
+        }
+        D::CartItemNotFound(_) => entry(StatusCode::NOT_FOUND, "CART_ITEM_NOT_FOUND", "Cart item not found"),
+        D::OrderNotFound(_) => entry(StatusCode::NOT_FOUND, "ORDER_NOT_FOUND", "Order not found"),
+        D::BalanceLimitExceeded { .. } => {
+            entry(StatusCode::UNPROCESSABLE_ENTITY, "BALANCE_LIMIT_EXCEEDED", "Balance limit exceeded")
+        }
+        D::CartQuantityLimitExceeded { .. } => {
+            entry(StatusCode::UNPROCESSABLE_ENTITY, "CART_QUANTITY_LIMIT_EXCEEDED", "Cart line quantity limit exceeded")
+        }
+        D::InsufficientBalance { .. } => {
+            entry(StatusCode::PAYMENT_REQUIRED, "INSUFFICIENT_BALANCE", "Insufficient balance")
+        }
+        D::OutOfStock { .. } => entry(StatusCode::CONFLICT, "OUT_OF_STOCK", "Out of stock"),
+        D::ProductNotOnSale { .. } => entry(StatusCode::CONFLICT, "PRODUCT_NOT_ON_SALE", "Product not on sale"),
+        D::OrderNotPayable { .. } => entry(StatusCode::CONFLICT, "ORDER_NOT_PAYABLE", "Order not payable"),
+        // A conflict that outlived its retries, or a lock that expired under its holder, is to the client
+        // a lock it could not get in time: nothing was kept, and a retry may succeed.
+        D::LockTimeout { .. } | D::WriteConflict | D::StaleLock { .. } => {
+            entry(StatusCode::SERVICE_UNAVAILABLE, "LOCK_TIMEOUT", "Lock wait timed out")
+        }
+        D::IdempotencyKeyReused => {
+            entry(StatusCode::UNPROCESSABLE_ENTITY, "IDEMPOTENCY_KEY_REUSED", "Idempotency key reused")
+        }
+        D::IdempotencyKeyInUse => entry(StatusCode::CONFLICT, "IDEMPOTENCY_KEY_IN_USE", "Idempotency key in use"),
+        D::Unexpected(_) => entry(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", "Internal server error"),
+    }
+}
+
+/// The problem document of a domain error, as a client sees it (and as an idempotent replay stores it).
+#[must_use]
+pub fn domain_problem(error: &DomainError) -> Problem {
+    let Entry { status, code, title } = domain_entry(error);
+    let detail = match error {
+        DomainError::Unexpected(_) => "the server failed to handle this request".to_owned(),
+        other => other.to_string(),
+    };
+    let field = match error {
+        DomainError::Invalid(v) => Some(v.field.to_owned()),
+        _ => None,
+    };
+    let product_option_id = match error {
+        DomainError::OutOfStock { option_id } => Some(option_id.get()),
+        _ => None,
+    };
+    Problem {
+        kind: format!("https://shop.example.com/problems/{}", code.to_lowercase().replace('_', "-")),
+        title: title.to_owned(),
+        status: status.as_u16(),
+        detail,
+        code,
+        field,
+        product_option_id,
+    }
+}
+
 impl ApiError {
     /// The table of statuses and codes. No `_` arm: a new variant must be given its answer here.
     fn entry(&self) -> Entry {
-        use DomainError as D;
         match self {
-            Self::Domain(error) => match error {
-                D::Invalid(_) => entry(StatusCode::BAD_REQUEST, "VALIDATION_FAILED", "Validation failed"),
-                D::UserNotFound(_) => entry(StatusCode::NOT_FOUND, "USER_NOT_FOUND", "User not found"),
-                D::ProductNotFound(_) => entry(StatusCode::NOT_FOUND, "PRODUCT_NOT_FOUND", "Product not found"),
-                D::ProductOptionNotFound(_) => {
-                    entry(StatusCode::NOT_FOUND, "PRODUCT_OPTION_NOT_FOUND", "Product option not found")
-                }
-                D::CartItemNotFound(_) => entry(StatusCode::NOT_FOUND, "CART_ITEM_NOT_FOUND", "Cart item not found"),
-                D::OrderNotFound(_) => entry(StatusCode::NOT_FOUND, "ORDER_NOT_FOUND", "Order not found"),
-                D::BalanceLimitExceeded { .. } => {
-                    entry(StatusCode::UNPROCESSABLE_ENTITY, "BALANCE_LIMIT_EXCEEDED", "Balance limit exceeded")
-                }
-                D::CartQuantityLimitExceeded { .. } => entry(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "CART_QUANTITY_LIMIT_EXCEEDED",
-                    "Cart line quantity limit exceeded",
-                ),
-                D::InsufficientBalance { .. } => {
-                    entry(StatusCode::PAYMENT_REQUIRED, "INSUFFICIENT_BALANCE", "Insufficient balance")
-                }
-                D::OutOfStock { .. } => entry(StatusCode::CONFLICT, "OUT_OF_STOCK", "Out of stock"),
-                D::ProductNotOnSale { .. } => entry(StatusCode::CONFLICT, "PRODUCT_NOT_ON_SALE", "Product not on sale"),
-                D::OrderNotPayable { .. } => entry(StatusCode::CONFLICT, "ORDER_NOT_PAYABLE", "Order not payable"),
-                // A conflict that outlived its retries, or a lock that expired under its holder, is to the client
-                // a lock it could not get in time: nothing was kept, and a retry may succeed.
-                D::LockTimeout { .. } | D::WriteConflict | D::StaleLock { .. } => {
-                    entry(StatusCode::SERVICE_UNAVAILABLE, "LOCK_TIMEOUT", "Lock wait timed out")
-                }
-                D::Unexpected(_) => entry(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", "Internal server error"),
-            },
+            Self::Domain(error) => domain_entry(error),
             Self::Validation { .. } => entry(StatusCode::BAD_REQUEST, "VALIDATION_FAILED", "Validation failed"),
             Self::Unauthorized => entry(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "Unauthorized"),
             Self::AdminDisabled => entry(StatusCode::FORBIDDEN, "ADMIN_DISABLED", "Admin API disabled"),
@@ -187,28 +221,21 @@ impl ApiError {
     /// The problem document, without anything internal in it.
     #[must_use]
     pub fn problem(&self) -> Problem {
+        if let Self::Domain(error) = self {
+            return domain_problem(error);
+        }
         let Entry { status, code, title } = self.entry();
-        let detail = match self {
-            Self::Domain(DomainError::Unexpected(_)) => "the server failed to handle this request".to_owned(),
-            other => other.to_string(),
-        };
-        let field = match self {
-            Self::Validation { field, .. } => Some(field.clone()),
-            Self::Domain(DomainError::Invalid(v)) => Some(v.field.to_owned()),
-            _ => None,
-        };
-        let product_option_id = match self {
-            Self::Domain(DomainError::OutOfStock { option_id }) => Some(option_id.get()),
-            _ => None,
-        };
         Problem {
             kind: format!("https://shop.example.com/problems/{}", code.to_lowercase().replace('_', "-")),
             title: title.to_owned(),
             status: status.as_u16(),
-            detail,
+            detail: self.to_string(),
             code,
-            field,
-            product_option_id,
+            field: match self {
+                Self::Validation { field, .. } => Some(field.clone()),
+                _ => None,
+            },
+            product_option_id: None,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`db`]: connecting (SQLite in WAL mode with a busy timeout) and migrating.
 //! - [`users`], [`products`], [`carts`], [`orders`]: the repositories.
 //! - [`uow`]: the unit of work and its transaction.
+//! - [`idempotency`]: the Idempotency-Key store.
 //! - [`probe`]: the readiness probe.
 //! - [`seed`]: the demo data of an empty embedded database.
 //! - [`entity`]: the SeaORM entities.
@@ -15,6 +16,7 @@ pub mod carts;
 pub mod db;
 pub mod entity;
 mod error;
+pub mod idempotency;
 pub mod orders;
 pub mod probe;
 pub mod products;
@@ -24,6 +26,7 @@ pub mod users;
 
 pub use carts::SeaCartRepository;
 pub use db::{PoolSettings, connect, migrate, supports_row_locks};
+pub use idempotency::SeaIdempotencyStore;
 pub use orders::SeaOrderRepository;
 pub use probe::DatabaseProbe;
 pub use products::SeaProductRepository;

@@ -11,6 +11,7 @@ use sea_orm::{
 };
 use shop_domain::DomainError;
 use shop_domain::cart::CartItem;
+use shop_domain::idempotency::{IdempotencyClaim, StoredResponse};
 use shop_domain::ids::{OrderId, PaymentId, ProductOptionId, UserId};
 use shop_domain::money::{Money, Quantity, Stock};
 use shop_domain::order::{NewOrder, Order, OrderLine, OrderStatus, OrderableOption};
@@ -18,6 +19,7 @@ use shop_domain::payment::{PaymentMethod, PaymentStatus};
 use shop_domain::ports::{FencedWrite, StockRow, Transaction, UnitOfWork};
 use shop_domain::product::ProductOption;
 use shop_domain::sales::DailySales;
+use shop_domain::user::ChargeAmount;
 
 use crate::carts::cart_lines;
 use crate::entity::{cart, daily_popular_product as daily, order, order_item, payment, product, product_option, user};
@@ -423,6 +425,25 @@ impl Transaction for SeaTransaction {
                 .map_err(db)?;
         }
         Ok(())
+    }
+
+    async fn record_response(
+        &mut self,
+        claim: &IdempotencyClaim,
+        response: &StoredResponse,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DomainError> {
+        crate::idempotency::record_response(&self.tx, claim, response, now).await
+    }
+
+    async fn charge_balance(
+        &mut self,
+        id: UserId,
+        amount: ChargeAmount,
+        limit: Money,
+        now: DateTime<Utc>,
+    ) -> Result<Money, DomainError> {
+        crate::users::charge_on(&self.tx, id, amount, limit, now).await
     }
 
     async fn commit(self: Box<Self>) -> Result<(), DomainError> {

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set};
+use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Set};
 use shop_domain::DomainError;
 use shop_domain::ids::UserId;
 use shop_domain::money::Money;
@@ -23,6 +23,38 @@ impl SeaUserRepository {
     pub const fn new(db: DatabaseConnection) -> Self {
         Self { db }
     }
+}
+
+/// One conditional UPDATE: the addition happens in the row, so concurrent charges cannot lose one another, and
+/// the limit is checked against the value being written. Shared by the repository and the transaction.
+pub(crate) async fn charge_on<C: ConnectionTrait>(
+    conn: &C,
+    id: UserId,
+    amount: ChargeAmount,
+    limit: Money,
+    now: DateTime<Utc>,
+) -> Result<Money, DomainError> {
+    let add = amount.money().won();
+    let updated = user::Entity::update_many()
+        .col_expr(user::Column::Balance, Expr::col(user::Column::Balance).add(add))
+        .col_expr(user::Column::Version, Expr::col(user::Column::Version).add(1))
+        .col_expr(user::Column::UpdatedAt, Expr::value(now))
+        .filter(user::Column::Id.eq(id.get()))
+        .filter(user::Column::DeletedAt.is_null())
+        .filter(user::Column::Balance.lte(limit.won() - add))
+        .exec_with_returning(conn)
+        .await
+        .map_err(db)?;
+    if let Some(row) = updated.into_iter().next() {
+        return Ok(Money::new(row.balance)?);
+    }
+    let exists = user::Entity::find_by_id(id.get())
+        .filter(user::Column::DeletedAt.is_null())
+        .one(conn)
+        .await
+        .map_err(db)?
+        .is_some();
+    Err(if exists { DomainError::BalanceLimitExceeded { limit } } else { DomainError::UserNotFound(id) })
 }
 
 pub(crate) fn to_user(m: user::Model) -> Result<User, DomainError> {

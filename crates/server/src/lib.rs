@@ -18,15 +18,21 @@ use actix_web::HttpServer;
 use actix_web::dev::{Server, ServerHandle};
 use sea_orm::DatabaseConnection;
 use shop_domain::ports::{Clock, SystemClock};
-use shop_domain::services::{CartService, CatalogService, OrderService, UserService};
+use shop_domain::services::{CartService, CatalogService, IdempotencyService, OrderService, UserService};
 use shop_domain::stock::{
     ConditionalStock, LocalLockStock, OptimisticStock, PessimisticStock, RetryPolicy, StockStrategy,
 };
 use shop_http::AppState;
 use shop_persistence::{
-    DatabaseProbe, PoolSettings, SeaCartRepository, SeaOrderRepository, SeaProductRepository, SeaUnitOfWork,
-    SeaUserRepository,
+    DatabaseProbe, PoolSettings, SeaCartRepository, SeaIdempotencyStore, SeaOrderRepository, SeaProductRepository,
+    SeaUnitOfWork, SeaUserRepository,
 };
+
+/// Idempotency keys are kept this long (the API contract's 24 hours).
+const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// A running request holds its key this long; a claim older than that belongs to a request that died, and a
+/// retry may take it over. Far longer than any request runs (lock waits and pool waits are bounded in seconds).
+const IDEMPOTENCY_LEASE: Duration = Duration::from_secs(60);
 use tokio::task::JoinHandle;
 
 use crate::events::BroadcastPublisher;
@@ -67,6 +73,7 @@ pub struct Application {
     port: u16,
     db: DatabaseConnection,
     orders: OrderService,
+    idempotency: IdempotencyService,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -102,12 +109,14 @@ impl Application {
         let events = BroadcastPublisher::new(1024);
         let mut background = vec![tokio::spawn(events::log_events(events.subscribe()))];
         let state = wire(&settings, &db, clock, Arc::new(events))?;
-        background.push(tokio::spawn(sweep_overdue_orders(
+        background.push(tokio::spawn(sweep(
             state.orders.clone(),
+            state.idempotency.clone(),
             settings.order_payment_timeout,
             settings.order_sweep_interval,
         )));
         let orders = state.orders.clone();
+        let idempotency = state.idempotency.clone();
         let doc = shop_http::openapi();
         let mut server = HttpServer::new(move || shop_http::app(state.clone(), doc.clone()))
             // In-flight requests get this long to finish after SIGTERM.
@@ -123,7 +132,7 @@ impl Application {
             addr = %settings.http_addr, port, strategy = %settings.stock_strategy,
             "listening; Swagger UI at /swagger-ui/"
         );
-        Ok(Self { server: server.run(), port, db, orders, background })
+        Ok(Self { server: server.run(), port, db, orders, idempotency, background })
     }
 
     #[must_use]
@@ -141,6 +150,12 @@ impl Application {
     #[must_use]
     pub fn database(&self) -> DatabaseConnection {
         self.db.clone()
+    }
+
+    /// The idempotency use case as wired, for tests that drive the purge directly.
+    #[must_use]
+    pub fn idempotency(&self) -> IdempotencyService {
+        self.idempotency.clone()
     }
 
     /// The order use case as wired, for tests that drive the sweeper directly.
@@ -198,9 +213,10 @@ fn stock_strategy(settings: &Settings) -> Result<Arc<dyn StockStrategy>, ConfigE
     })
 }
 
-/// Cancels unpaid orders past the timeout, every `interval`, for as long as the server runs. Several instances
-/// may all run it: each order is cancelled, and its stock given back, exactly once.
-async fn sweep_overdue_orders(orders: OrderService, timeout: Duration, interval: Duration) {
+/// Every `interval`, for as long as the server runs: cancels unpaid orders past the timeout and deletes expired
+/// idempotency keys. Several instances may all run it: each order is cancelled, and its stock given back,
+/// exactly once.
+async fn sweep(orders: OrderService, idempotency: IdempotencyService, timeout: Duration, interval: Duration) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -209,6 +225,11 @@ async fn sweep_overdue_orders(orders: OrderService, timeout: Duration, interval:
             Ok(0) => {}
             Ok(cancelled) => tracing::info!(cancelled, "cancelled unpaid orders past the payment timeout"),
             Err(e) => tracing::warn!(error = %e, "the overdue-order sweep failed; it runs again next interval"),
+        }
+        match idempotency.purge_expired().await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "deleted expired idempotency keys"),
+            Err(e) => tracing::warn!(error = %e, "the idempotency-key purge failed; it runs again next interval"),
         }
     }
 }
@@ -225,8 +246,16 @@ fn wire(
     let carts = Arc::new(SeaCartRepository::new(db.clone()));
     let orders = Arc::new(SeaOrderRepository::new(db.clone()));
     let uow = Arc::new(SeaUnitOfWork::new(db.clone()));
+    let idempotency = Arc::new(SeaIdempotencyStore::new(db.clone()));
     Ok(AppState {
-        users: UserService::new(users.clone(), clock.clone()),
+        users: UserService::new(users.clone(), uow.clone(), clock.clone()),
+        idempotency: IdempotencyService::new(
+            idempotency,
+            uow.clone(),
+            clock.clone(),
+            IDEMPOTENCY_TTL,
+            IDEMPOTENCY_LEASE,
+        ),
         catalog: CatalogService::new(products, clock.clone()),
         orders: OrderService::new(uow.clone(), orders, users.clone(), stock_strategy(settings)?, clock.clone(), events),
         cart: CartService::new(carts, users, uow, clock),

@@ -2,10 +2,12 @@
 
 pub mod cart;
 pub mod catalog;
+pub mod idempotency;
 pub mod orders;
 pub mod users;
 
 pub use cart::CartService;
 pub use catalog::CatalogService;
+pub use idempotency::{Claimed, IdempotencyService};
 pub use orders::OrderService;
 pub use users::UserService;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::error::DomainError;
+use crate::idempotency::Recorder;
 use crate::ids::{OrderId, ProductOptionId, UserId};
 use crate::money::Quantity;
 use crate::order::{NewOrder, Order, OrderLine, OrderRequest, OrderStatus};
@@ -30,12 +31,6 @@ impl std::fmt::Debug for OrderService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OrderService").field("stock", &self.stock.name()).finish_non_exhaustive()
     }
-}
-
-/// What a payment attempt decided inside its transaction.
-enum Settled {
-    Paid(Payment),
-    Refused(DomainError),
 }
 
 impl OrderService {
@@ -63,12 +58,18 @@ impl OrderService {
     /// # Errors
     /// [`DomainError::UserNotFound`], [`DomainError::ProductOptionNotFound`], [`DomainError::ProductNotOnSale`],
     /// [`DomainError::OutOfStock`], [`DomainError::LockTimeout`] (a lock wait or the optimistic retries ran out).
-    pub async fn create(&self, request: OrderRequest) -> Result<Order, DomainError> {
+    ///
+    /// With a `recorder`, the response is recorded in the same transaction as the order.
+    pub async fn create(
+        &self,
+        request: OrderRequest,
+        recorder: Option<&Recorder<'_, Order>>,
+    ) -> Result<Order, DomainError> {
         let permit = self.stock.acquire(request.lines()).await?;
         let retry = self.stock.retry_policy();
         let mut attempt = 0;
         let order = loop {
-            match self.try_create(&request, &permit).await {
+            match self.try_create(&request, &permit, recorder).await {
                 Err(DomainError::WriteConflict) if attempt < retry.max_retries => {
                     tokio::time::sleep(retry.delay(attempt)).await;
                     attempt += 1;
@@ -90,7 +91,12 @@ impl OrderService {
         Ok(order)
     }
 
-    async fn try_create(&self, request: &OrderRequest, permit: &StockPermit) -> Result<Order, DomainError> {
+    async fn try_create(
+        &self,
+        request: &OrderRequest,
+        permit: &StockPermit,
+        recorder: Option<&Recorder<'_, Order>>,
+    ) -> Result<Order, DomainError> {
         let now = self.clock.now();
         let ids: Vec<ProductOptionId> = request.lines().iter().map(|l| l.option_id).collect();
         let mut tx = self.uow.begin().await?;
@@ -103,8 +109,12 @@ impl OrderService {
         tx.remove_from_cart(request.user_id(), &ids, now).await?;
         // Last, so that whatever it locks is held only until the commit just below.
         self.stock.take(tx.as_mut(), request.lines(), permit, now).await?;
+        let order = Ok(order);
+        if let Some(recorder) = recorder {
+            recorder.record_in(tx.as_mut(), &order, now).await?;
+        }
         tx.commit().await?;
-        Ok(order)
+        order
     }
 
     /// # Errors
@@ -132,7 +142,14 @@ impl OrderService {
     /// # Errors
     /// [`DomainError::OrderNotFound`] (also for another user's order), [`DomainError::OrderNotPayable`],
     /// [`DomainError::InsufficientBalance`].
-    pub async fn pay(&self, order_id: OrderId, user_id: UserId) -> Result<Payment, DomainError> {
+    ///
+    /// With a `recorder`, the response (the payment, or the 402) is recorded in the same transaction.
+    pub async fn pay(
+        &self,
+        order_id: OrderId,
+        user_id: UserId,
+        recorder: Option<&Recorder<'_, Payment>>,
+    ) -> Result<Payment, DomainError> {
         let now = self.clock.now();
         let mut tx = self.uow.begin().await?;
         let order = tx
@@ -146,36 +163,37 @@ impl OrderService {
             let status = tx.find_order(order_id).await?.map_or(OrderStatus::Cancelled, |o| o.status);
             return Err(DomainError::OrderNotPayable { order_id, status });
         }
-        let settled = match tx.spend_balance(user_id, order.total_price, now).await? {
+        let outcome = match tx.spend_balance(user_id, order.total_price, now).await? {
             Some(_) => {
                 tx.add_daily_sales(&DailySales::of_items(now.date_naive(), &order.items), now).await?;
                 tx.settle_payment(order.payment.id, PaymentStatus::Completed, now).await?;
                 let mut payment = order.payment.clone();
                 payment.status = PaymentStatus::Completed;
                 payment.paid_at = Some(now);
-                Settled::Paid(payment)
+                Ok(payment)
             }
             None => {
                 let balance = tx.balance(user_id).await?;
                 tx.transition_order(order_id, OrderStatus::Paid, OrderStatus::Cancelled, now).await?;
                 tx.settle_payment(order.payment.id, PaymentStatus::Failed, now).await?;
                 tx.restore_stock(&order.stock_lines(), now).await?;
-                Settled::Refused(DomainError::InsufficientBalance { balance, required: order.total_price })
+                // Committed below, then answered as 402: the cancellation is the outcome.
+                Err(DomainError::InsufficientBalance { balance, required: order.total_price })
             }
         };
-        tx.commit().await?;
-        match settled {
-            Settled::Paid(payment) => {
-                self.events.publish(DomainEvent::PaymentCompleted {
-                    payment_id: payment.id,
-                    order_id,
-                    user_id,
-                    amount: payment.amount,
-                });
-                Ok(payment)
-            }
-            Settled::Refused(error) => Err(error),
+        if let Some(recorder) = recorder {
+            recorder.record_in(tx.as_mut(), &outcome, now).await?;
         }
+        tx.commit().await?;
+        if let Ok(payment) = &outcome {
+            self.events.publish(DomainEvent::PaymentCompleted {
+                payment_id: payment.id,
+                order_id,
+                user_id,
+                amount: payment.amount,
+            });
+        }
+        outcome
     }
 
     /// Cancels pending orders older than `timeout`, failing their payments and giving their stock back, in
@@ -376,7 +394,8 @@ mod tests {
         tx.expect_decrement_stock().times(1).in_sequence(&mut seq).returning(|_, _, _| Ok(true));
         tx.expect_commit().times(1).in_sequence(&mut seq).returning(|| Ok(()));
         let (events, seen) = events(1);
-        let order = service(vec![tx], Arc::new(ConditionalStock), events).create(request(&[(1, 2)])).await.unwrap();
+        let order =
+            service(vec![tx], Arc::new(ConditionalStock), events).create(request(&[(1, 2)]), None).await.unwrap();
         assert_eq!(order.total_price.won(), 2000);
         assert!(matches!(seen.lock().unwrap()[0], DomainEvent::OrderCreated { order_id, .. } if order_id == order.id));
     }
@@ -388,7 +407,8 @@ mod tests {
         tx.expect_insert_order().never();
         tx.expect_commit().never();
         let (events, _) = events(0);
-        let err = service(vec![tx], Arc::new(ConditionalStock), events).create(request(&[(1, 1)])).await.unwrap_err();
+        let err =
+            service(vec![tx], Arc::new(ConditionalStock), events).create(request(&[(1, 1)]), None).await.unwrap_err();
         assert!(matches!(err, DomainError::UserNotFound(_)));
     }
 
@@ -400,8 +420,10 @@ mod tests {
         tx.expect_insert_order().never();
         tx.expect_commit().never();
         let (events, _) = events(0);
-        let err =
-            service(vec![tx], Arc::new(ConditionalStock), events).create(request(&[(1, 1), (2, 1)])).await.unwrap_err();
+        let err = service(vec![tx], Arc::new(ConditionalStock), events)
+            .create(request(&[(1, 1), (2, 1)]), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, DomainError::ProductOptionNotFound(id) if id == oid(2)));
     }
 
@@ -413,7 +435,8 @@ mod tests {
         tx.expect_insert_order().never();
         tx.expect_commit().never();
         let (events, _) = events(0);
-        let err = service(vec![tx], Arc::new(ConditionalStock), events).create(request(&[(1, 1)])).await.unwrap_err();
+        let err =
+            service(vec![tx], Arc::new(ConditionalStock), events).create(request(&[(1, 1)]), None).await.unwrap_err();
         assert!(matches!(err, DomainError::ProductNotOnSale { .. }));
     }
 
@@ -423,7 +446,8 @@ mod tests {
         tx.expect_decrement_stock().returning(|_, _, _| Ok(false));
         tx.expect_commit().never();
         let (events, _) = events(0);
-        let err = service(vec![tx], Arc::new(ConditionalStock), events).create(request(&[(1, 1)])).await.unwrap_err();
+        let err =
+            service(vec![tx], Arc::new(ConditionalStock), events).create(request(&[(1, 1)]), None).await.unwrap_err();
         assert!(matches!(err, DomainError::OutOfStock { option_id } if option_id == oid(1)));
     }
 
@@ -452,7 +476,7 @@ mod tests {
     async fn optimistic_conflicts_retry_the_whole_transaction() {
         let txs = vec![optimistic_tx(false), optimistic_tx(false), optimistic_tx(true)];
         let (events, _) = events(1);
-        let order = service(txs, optimistic(5), events).create(request(&[(1, 1)])).await.unwrap();
+        let order = service(txs, optimistic(5), events).create(request(&[(1, 1)]), None).await.unwrap();
         assert_eq!(order.id, order_id());
     }
 
@@ -460,7 +484,7 @@ mod tests {
     async fn optimistic_retries_run_out_as_lock_timeout() {
         let txs = vec![optimistic_tx(false), optimistic_tx(false), optimistic_tx(false)];
         let (events, _) = events(0);
-        let err = service(txs, optimistic(2), events).create(request(&[(1, 1)])).await.unwrap_err();
+        let err = service(txs, optimistic(2), events).create(request(&[(1, 1)]), None).await.unwrap_err();
         assert!(matches!(err, DomainError::LockTimeout { .. }));
     }
 
@@ -496,7 +520,7 @@ mod tests {
             .returning(|_, _, _| Ok(()));
         tx.expect_commit().times(1).in_sequence(&mut seq).returning(|| Ok(()));
         let (events, seen) = events(1);
-        let payment = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), uid()).await.unwrap();
+        let payment = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), uid(), None).await.unwrap();
         assert_eq!((payment.status, payment.amount.won()), (PaymentStatus::Completed, 3000));
         assert!(payment.paid_at.is_some());
         assert!(matches!(seen.lock().unwrap()[0], DomainEvent::PaymentCompleted { .. }));
@@ -522,7 +546,7 @@ mod tests {
         tx.expect_add_daily_sales().never();
         tx.expect_commit().times(1).returning(|| Ok(()));
         let (events, _) = events(0);
-        let err = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), uid()).await.unwrap_err();
+        let err = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), uid(), None).await.unwrap_err();
         assert!(matches!(err, DomainError::InsufficientBalance { balance, required }
             if balance.won() == 500 && required.won() == 2000));
     }
@@ -533,7 +557,7 @@ mod tests {
         tx.expect_transition_order().never();
         tx.expect_commit().never();
         let (events, _) = events(0);
-        let err = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), uid()).await.unwrap_err();
+        let err = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), uid(), None).await.unwrap_err();
         assert!(matches!(err, DomainError::OrderNotPayable { status: OrderStatus::Paid, .. }));
     }
 
@@ -546,7 +570,7 @@ mod tests {
         tx.expect_spend_balance().never();
         tx.expect_commit().never();
         let (events, _) = events(0);
-        let err = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), uid()).await.unwrap_err();
+        let err = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), uid(), None).await.unwrap_err();
         assert!(matches!(err, DomainError::OrderNotPayable { status: OrderStatus::Paid, .. }));
     }
 
@@ -555,7 +579,7 @@ mod tests {
         let tx = paying_tx(order(OrderStatus::PendingPayment, 1));
         let (events, _) = events(0);
         let other = UserId::new(2).unwrap();
-        let err = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), other).await.unwrap_err();
+        let err = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), other, None).await.unwrap_err();
         assert!(matches!(err, DomainError::OrderNotFound(_)));
     }
 

@@ -3,14 +3,16 @@
 use std::sync::Arc;
 
 use crate::error::DomainError;
+use crate::idempotency::Recorder;
 use crate::ids::UserId;
 use crate::money::Money;
-use crate::ports::{Clock, UserRepository};
+use crate::ports::{Clock, UnitOfWork, UserRepository};
 use crate::user::{ChargeAmount, User, UserName};
 
 #[derive(Clone)]
 pub struct UserService {
     users: Arc<dyn UserRepository>,
+    uow: Arc<dyn UnitOfWork>,
     clock: Arc<dyn Clock>,
 }
 
@@ -21,8 +23,8 @@ impl std::fmt::Debug for UserService {
 }
 
 impl UserService {
-    pub fn new(users: Arc<dyn UserRepository>, clock: Arc<dyn Clock>) -> Self {
-        Self { users, clock }
+    pub fn new(users: Arc<dyn UserRepository>, uow: Arc<dyn UnitOfWork>, clock: Arc<dyn Clock>) -> Self {
+        Self { users, uow, clock }
     }
 
     /// # Errors
@@ -41,15 +43,29 @@ impl UserService {
     ///
     /// # Errors
     /// [`DomainError::UserNotFound`], [`DomainError::BalanceLimitExceeded`].
-    pub async fn charge(&self, id: UserId, amount: ChargeAmount) -> Result<Money, DomainError> {
-        self.users.charge(id, amount, User::BALANCE_LIMIT, self.clock.now()).await
+    /// With a `recorder`, the charge and its response are committed in one transaction.
+    pub async fn charge(
+        &self,
+        id: UserId,
+        amount: ChargeAmount,
+        recorder: Option<&Recorder<'_, Money>>,
+    ) -> Result<Money, DomainError> {
+        let now = self.clock.now();
+        let Some(recorder) = recorder else {
+            return self.users.charge(id, amount, User::BALANCE_LIMIT, now).await;
+        };
+        let mut tx = self.uow.begin().await?;
+        let balance = Ok(tx.charge_balance(id, amount, User::BALANCE_LIMIT, now).await?);
+        recorder.record_in(tx.as_mut(), &balance, now).await?;
+        tx.commit().await?;
+        balance
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ports::{MockClock, MockUserRepository};
+    use crate::ports::{MockClock, MockTransaction, MockUnitOfWork, MockUserRepository, Transaction};
     use chrono::{TimeZone, Utc};
     use mockall::predicate::eq;
 
@@ -69,7 +85,10 @@ mod tests {
         repo.expect_create()
             .withf(|name, now| name.as_str() == "kim" && now.to_rfc3339() == "2026-11-25T09:00:00+00:00")
             .returning(|name, _| Ok(User { id: uid(1), name: name.as_str().into(), balance: Money::ZERO }));
-        let user = UserService::new(Arc::new(repo), clock()).create(UserName::new(" kim ").unwrap()).await.unwrap();
+        let user = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock())
+            .create(UserName::new(" kim ").unwrap())
+            .await
+            .unwrap();
         assert_eq!((user.id, user.name.as_str(), user.balance), (uid(1), "kim", Money::ZERO));
     }
 
@@ -77,7 +96,10 @@ mod tests {
     async fn balance_of_an_unknown_user_is_not_found() {
         let mut repo = MockUserRepository::new();
         repo.expect_find().with(eq(uid(9))).returning(|_| Ok(None));
-        let err = UserService::new(Arc::new(repo), clock()).balance(uid(9)).await.unwrap_err();
+        let err = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock())
+            .balance(uid(9))
+            .await
+            .unwrap_err();
         assert!(matches!(err, DomainError::UserNotFound(id) if id == uid(9)));
     }
 
@@ -85,7 +107,8 @@ mod tests {
     async fn balance_reads_the_user() {
         let mut repo = MockUserRepository::new();
         repo.expect_find().returning(|id| Ok(Some(User { id, name: "kim".into(), balance: Money::new(500).unwrap() })));
-        let balance = UserService::new(Arc::new(repo), clock()).balance(uid(1)).await.unwrap();
+        let balance =
+            UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock()).balance(uid(1)).await.unwrap();
         assert_eq!(balance.won(), 500);
     }
 
@@ -97,16 +120,48 @@ mod tests {
                 *id == uid(1) && amount.money().won() == 1000 && *limit == User::BALANCE_LIMIT
             })
             .returning(|_, _, _, _| Ok(Money::new(1000).unwrap()));
-        let svc = UserService::new(Arc::new(repo), clock());
-        assert_eq!(svc.charge(uid(1), ChargeAmount::new(1000).unwrap()).await.unwrap().won(), 1000);
+        let svc = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock());
+        assert_eq!(svc.charge(uid(1), ChargeAmount::new(1000).unwrap(), None).await.unwrap().won(), 1000);
+    }
+
+    #[tokio::test]
+    async fn a_recorded_charge_commits_with_its_response() {
+        use crate::idempotency::{IdempotencyClaim, IdempotencyKey, StoredResponse};
+        let mut tx = MockTransaction::new();
+        let mut seq = mockall::Sequence::new();
+        tx.expect_charge_balance().times(1).in_sequence(&mut seq).returning(|_, _, _, _| Ok(Money::new(700).unwrap()));
+        tx.expect_record_response()
+            .withf(|_, r, _| r.status == 200 && r.body == "700")
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_, _, _| Ok(true));
+        tx.expect_commit().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+        let mut tx = Some(tx);
+        let mut uow = MockUnitOfWork::new();
+        uow.expect_begin().returning(move || {
+            let tx: Box<dyn Transaction> = Box::new(tx.take().unwrap());
+            Ok(tx)
+        });
+        let mut repo = MockUserRepository::new();
+        repo.expect_charge().never();
+        let svc = UserService::new(Arc::new(repo), Arc::new(uow), clock());
+        let claim = IdempotencyClaim { id: 1, user_id: uid(1), key: IdempotencyKey::new("k").unwrap(), token: 1 };
+        let render = |o: &Result<Money, DomainError>| StoredResponse {
+            status: if o.is_ok() { 200 } else { 422 },
+            body: o.as_ref().map_or_else(|_| String::new(), |m| m.won().to_string()),
+        };
+        let recorder = Recorder::new(&claim, &render);
+        assert_eq!(svc.charge(uid(1), ChargeAmount::new(700).unwrap(), Some(&recorder)).await.unwrap().won(), 700);
     }
 
     #[tokio::test]
     async fn charge_errors_pass_through() {
         let mut repo = MockUserRepository::new();
         repo.expect_charge().returning(|_, _, limit, _| Err(DomainError::BalanceLimitExceeded { limit }));
-        let err =
-            UserService::new(Arc::new(repo), clock()).charge(uid(1), ChargeAmount::new(1).unwrap()).await.unwrap_err();
+        let err = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock())
+            .charge(uid(1), ChargeAmount::new(1).unwrap(), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, DomainError::BalanceLimitExceeded { .. }));
     }
 }

@@ -1,8 +1,10 @@
 //! Orders and payment.
 
+use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, get, post, web};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use shop_domain::idempotency::Recorder;
 use shop_domain::ids::{OrderId, ProductOptionId, UserId};
 use shop_domain::money::Quantity;
 use shop_domain::order::{Order, OrderLine, OrderRequest};
@@ -12,6 +14,7 @@ use validator::Validate;
 
 use crate::AppState;
 use crate::extract::{ValidJson, ValidQuery};
+use crate::idempotency::{Begin, IdempotencyKeyParam, KeyHeader, begin, finish, renderer, request_hash};
 use crate::problem::{ApiError, Problem};
 use crate::routes::products::PageQuery;
 
@@ -27,7 +30,7 @@ pub struct OrderLineRequest {
     pub quantity: i64,
 }
 
-#[derive(Debug, Deserialize, Validate, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateOrderRequest {
     #[validate(range(min = 1))]
@@ -39,7 +42,7 @@ pub struct CreateOrderRequest {
     pub items: Vec<OrderLineRequest>,
 }
 
-#[derive(Debug, Deserialize, Validate, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PayRequest {
     /// The order's owner.
@@ -155,21 +158,25 @@ pub struct OrderPage {
 }
 
 /// Places an order: takes the stock of every line at once or of none, holds it until payment (or expiry), and
-/// takes the ordered options out of the user's cart. The same option twice is one line.
+/// takes the ordered options out of the user's cart. The same option twice is one line. With an
+/// `Idempotency-Key`, a retry replays the first answer (the same order) instead of ordering again.
 #[utoipa::path(
     tag = "orders",
+    params(IdempotencyKeyParam),
     request_body = CreateOrderRequest,
     responses(
         (status = 201, description = "The order, PENDING_PAYMENT with a PENDING payment", body = OrderResponse),
         (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "USER_NOT_FOUND or PRODUCT_OPTION_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "OUT_OF_STOCK (names the option in productOptionId) or PRODUCT_NOT_ON_SALE; nothing was taken", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "OUT_OF_STOCK (names the option in productOptionId) or PRODUCT_NOT_ON_SALE, nothing was taken; or IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key came with a different request", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "LOCK_TIMEOUT: the stock could not be had in time; retry after Retry-After seconds", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[post("/api/v1/orders")]
 pub async fn create_order(
     state: web::Data<AppState>,
+    key: KeyHeader,
     body: ValidJson<CreateOrderRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.0;
@@ -184,8 +191,15 @@ pub async fn create_order(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let order = state.orders.create(OrderRequest::new(user, lines)?).await?;
-    Ok(HttpResponse::Created().json(OrderResponse::from(order)))
+    let request = OrderRequest::new(user, lines)?;
+    let render = renderer(StatusCode::CREATED, |order: &Order| OrderResponse::from(order.clone()));
+    let claim = match begin(&state, user, key.0, || request_hash("POST /api/v1/orders", &body)).await? {
+        Begin::Replay(response) => return Ok(response),
+        Begin::Run(claim) => claim,
+    };
+    let recorder = claim.as_ref().map(|c| Recorder::new(c, &render));
+    let outcome = state.orders.create(request, recorder.as_ref()).await;
+    finish(&state, claim.as_ref(), outcome, &render).await
 }
 
 /// One order with its items and payment.
@@ -230,27 +244,37 @@ pub async fn list_orders(
     }))
 }
 
-/// Pays the order from the user's balance. Of concurrent payments of one order exactly one succeeds.
+/// Pays the order from the user's balance. Of concurrent payments of one order exactly one succeeds. With an
+/// `Idempotency-Key`, a retry replays the first answer.
 #[utoipa::path(
     tag = "orders",
-    params(("orderId" = i64, Path, minimum = 1, description = "Order id")),
+    params(("orderId" = i64, Path, minimum = 1, description = "Order id"), IdempotencyKeyParam),
     request_body = PayRequest,
     responses(
         (status = 200, description = "The payment, COMPLETED; the order is PAID", body = PaymentResponse),
         (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
         (status = 402, description = "INSUFFICIENT_BALANCE: the payment FAILED, the order is CANCELLED and its stock given back", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "ORDER_NOT_FOUND (also for another user's order)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "ORDER_NOT_PAYABLE: the order is not PENDING_PAYMENT", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "ORDER_NOT_PAYABLE: the order is not PENDING_PAYMENT; or IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key came with a different request", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[post("/api/v1/orders/{orderId}/payment")]
 pub async fn pay_order(
     state: web::Data<AppState>,
     path: web::Path<i64>,
+    key: KeyHeader,
     body: ValidJson<PayRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let order = OrderId::new(path.into_inner())?;
     let user = UserId::new(body.0.user_id)?;
-    let payment = state.orders.pay(order, user).await?;
-    Ok(HttpResponse::Ok().json(PaymentResponse::from(payment)))
+    let render = renderer(StatusCode::OK, |payment: &Payment| PaymentResponse::from(payment.clone()));
+    let route = format!("POST /api/v1/orders/{order}/payment");
+    let claim = match begin(&state, user, key.0, || request_hash(&route, &body.0)).await? {
+        Begin::Replay(response) => return Ok(response),
+        Begin::Run(claim) => claim,
+    };
+    let recorder = claim.as_ref().map(|c| Recorder::new(c, &render));
+    let outcome = state.orders.pay(order, user, recorder.as_ref()).await;
+    finish(&state, claim.as_ref(), outcome, &render).await
 }

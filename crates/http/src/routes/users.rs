@@ -1,14 +1,18 @@
 //! `POST /api/v1/users`, the balance and its charge.
 
+use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, get, post, web};
 use serde::{Deserialize, Serialize};
+use shop_domain::idempotency::Recorder;
 use shop_domain::ids::UserId;
+use shop_domain::money::Money;
 use shop_domain::user::{ChargeAmount, User, UserName};
 use utoipa::ToSchema;
 use validator::Validate;
 
 use crate::AppState;
 use crate::extract::ValidJson;
+use crate::idempotency::{Begin, IdempotencyKeyParam, KeyHeader, begin, finish, renderer, request_hash};
 use crate::problem::{ApiError, Problem};
 
 #[derive(Debug, Deserialize, Validate, ToSchema)]
@@ -38,7 +42,7 @@ impl From<User> for UserResponse {
     }
 }
 
-#[derive(Debug, Deserialize, Validate, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ChargeRequest {
     /// Won, 1..=10,000,000 per charge.
@@ -93,26 +97,37 @@ pub async fn get_balance(state: web::Data<AppState>, path: web::Path<i64>) -> Re
     Ok(HttpResponse::Ok().json(BalanceResponse { user_id: id.get(), balance: balance.won() }))
 }
 
-/// Adds to the balance in one atomic update: concurrent charges never lose one another.
+/// Adds to the balance in one atomic update: concurrent charges never lose one another. With an
+/// `Idempotency-Key`, a retry replays the first answer (`Idempotent-Replayed: true`) instead of charging again.
 #[utoipa::path(
     tag = "users",
-    params(("userId" = i64, Path, minimum = 1, description = "User id")),
+    params(("userId" = i64, Path, minimum = 1, description = "User id"), IdempotencyKeyParam),
     request_body = ChargeRequest,
     responses(
         (status = 200, description = "The new balance", body = BalanceResponse),
         (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "BALANCE_LIMIT_EXCEEDED: the balance would pass 1,000,000,000,000", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE: the first request with this key is still running", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "BALANCE_LIMIT_EXCEEDED: the balance would pass 1,000,000,000,000; or IDEMPOTENCY_KEY_REUSED: the key came with a different request", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[post("/api/v1/users/{userId}/balance/charge")]
 pub async fn charge_balance(
     state: web::Data<AppState>,
     path: web::Path<i64>,
+    key: KeyHeader,
     body: ValidJson<ChargeRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let id = UserId::new(path.into_inner())?;
     let amount = ChargeAmount::new(body.0.amount)?;
-    let balance = state.users.charge(id, amount).await?;
-    Ok(HttpResponse::Ok().json(BalanceResponse { user_id: id.get(), balance: balance.won() }))
+    let render =
+        renderer(StatusCode::OK, move |balance: &Money| BalanceResponse { user_id: id.get(), balance: balance.won() });
+    let route = format!("POST /api/v1/users/{id}/balance/charge");
+    let claim = match begin(&state, id, key.0, || request_hash(&route, &body.0)).await? {
+        Begin::Replay(response) => return Ok(response),
+        Begin::Run(claim) => claim,
+    };
+    let recorder = claim.as_ref().map(|c| Recorder::new(c, &render));
+    let outcome = state.users.charge(id, amount, recorder.as_ref()).await;
+    finish(&state, claim.as_ref(), outcome, &render).await
 }

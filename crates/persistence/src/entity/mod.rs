@@ -5,6 +5,7 @@
 
 pub mod cart;
 pub mod daily_popular_product;
+pub mod idempotency_key;
 pub mod order;
 pub mod order_item;
 pub mod payment;

@@ -6,7 +6,7 @@ use actix_web::dev::ServerHandle;
 use reqwest::header::HeaderMap;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use serde_json::Value;
-use shop_domain::services::OrderService;
+use shop_domain::services::{IdempotencyService, OrderService};
 use shop_server::{Application, Settings, StockStrategyName};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
@@ -46,6 +46,8 @@ impl Drop for PgDatabase {
 enum Backing {
     Sqlite(#[allow(dead_code)] tempfile::TempDir),
     Postgres(#[allow(dead_code)] PgDatabase),
+    /// A second instance over another instance's database: the first one owns it.
+    Borrowed,
 }
 
 pub struct TestApp {
@@ -56,7 +58,11 @@ pub struct TestApp {
     pub store: Store,
     /// The order use case as wired, to run the sweeper on demand.
     pub orders: OrderService,
+    /// The idempotency use case as wired, to run the purge on demand.
+    pub idempotency: IdempotencyService,
     pub strategy: StockStrategyName,
+    /// The settings it was built with (its database URL, strategy ...).
+    pub settings: Settings,
     handle: ServerHandle,
     _backing: Backing,
 }
@@ -118,16 +124,25 @@ impl TestApp {
         };
         let mut settings = base_settings(url);
         tweak(&mut settings);
-        let settings_strategy = settings.stock_strategy;
-        let app = Application::build(settings).await.expect("the application starts");
+        Some(Self::start(settings, store, backing).await)
+    }
+
+    /// Another instance of the application over this one's database, as a scaled-out deployment runs it.
+    pub async fn second_instance(&self) -> Self {
+        Self::start(self.settings.clone(), self.store, Backing::Borrowed).await
+    }
+
+    async fn start(settings: Settings, store: Store, backing: Backing) -> Self {
+        let strategy = settings.stock_strategy;
+        let app = Application::build(settings.clone()).await.expect("the application starts");
         let base = format!("http://127.0.0.1:{}", app.port());
         let db = app.database();
         let orders = app.orders();
-        let strategy = settings_strategy;
+        let idempotency = app.idempotency();
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
-        Some(Self { base, client, db, store, orders, strategy, handle, _backing: backing })
+        Self { base, client, db, store, orders, idempotency, strategy, settings, handle, _backing: backing }
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {

@@ -6,6 +6,7 @@ mod admin;
 mod cart;
 mod fencing;
 mod helpers;
+mod idempotency;
 mod operations;
 mod orders;
 mod products;
