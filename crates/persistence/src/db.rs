@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, DbErr};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
 use shop_migrations::{Migrator, MigratorTrait};
 
 /// How the pool is sized and how long a request may wait for a connection.
@@ -44,12 +44,27 @@ pub async fn connect(url: &str, pool: PoolSettings) -> Result<DatabaseConnection
     Database::connect(options).await
 }
 
-/// Applies every pending migration.
+/// An arbitrary constant naming the migration lock among the database's advisory locks.
+const MIGRATION_LOCK: i64 = 0x5348_4f50_4d49_4752; // "SHOPMIGR"
+
+/// Applies every pending migration. On PostgreSQL several instances may start at once over one database: a
+/// session-level advisory lock, held on a connection of its own, lets one migrate while the others wait and
+/// then find nothing pending.
 ///
 /// # Errors
 /// The migration's error; nothing of a failed migration is kept (each runs in a transaction).
-pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
-    Migrator::up(db, None).await
+pub async fn migrate(db: &DatabaseConnection, url: &str) -> Result<(), DbErr> {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return Migrator::up(db, None).await;
+    }
+    let mut options = ConnectOptions::new(url.to_owned());
+    options.max_connections(1).sqlx_logging(false);
+    let lock = Database::connect(options).await?;
+    lock.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})")).await?;
+    let migrated = Migrator::up(db, None).await;
+    lock.execute_unprepared(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})")).await?;
+    lock.close().await?;
+    migrated
 }
 
 /// Whether the store can lock rows (`SELECT ... FOR UPDATE`): PostgreSQL can, SQLite silently cannot.

@@ -63,7 +63,7 @@ pub async fn connect_and_migrate(settings: &Settings) -> Result<DatabaseConnecti
         acquire_timeout: Duration::from_secs(settings.db_acquire_timeout_secs),
     };
     let db = shop_persistence::connect(&settings.database_url, pool).await.map_err(database_error)?;
-    shop_persistence::migrate(&db).await.map_err(database_error)?;
+    shop_persistence::migrate(&db, &settings.database_url).await.map_err(database_error)?;
     Ok(db)
 }
 

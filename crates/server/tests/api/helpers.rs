@@ -98,6 +98,21 @@ impl TestApp {
 
     /// `None` when the test must be skipped: PostgreSQL unreachable outside CI. In CI it panics instead.
     pub async fn spawn_with(store: Store, tweak: impl FnOnce(&mut Settings)) -> Option<Self> {
+        let (settings, backing) = Self::prepare(store, tweak).await?;
+        Some(Self::start(settings, store, backing).await)
+    }
+
+    /// `n` instances over one fresh database, started at the same time (they race to migrate it).
+    pub async fn spawn_cluster(store: Store, n: usize, tweak: impl FnOnce(&mut Settings)) -> Option<Vec<Self>> {
+        let (settings, backing) = Self::prepare(store, tweak).await?;
+        let mut backings = vec![backing];
+        backings.extend((1..n).map(|_| Backing::Borrowed));
+        let starts = backings.into_iter().map(|b| Self::start(settings.clone(), store, b));
+        Some(futures::future::join_all(starts).await)
+    }
+
+    /// A fresh database and the settings that point at it.
+    async fn prepare(store: Store, tweak: impl FnOnce(&mut Settings)) -> Option<(Settings, Backing)> {
         let (url, backing) = match store {
             Store::Sqlite => {
                 let dir = tempfile::tempdir().expect("tempdir");
@@ -124,7 +139,7 @@ impl TestApp {
         };
         let mut settings = base_settings(url);
         tweak(&mut settings);
-        Some(Self::start(settings, store, backing).await)
+        Some((settings, backing))
     }
 
     /// Another instance of the application over this one's database, as a scaled-out deployment runs it.

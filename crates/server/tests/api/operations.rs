@@ -123,3 +123,13 @@ async fn swagger_ui_is_served_offline() {
         .unwrap();
     assert_eq!(redirect.headers().get("location").unwrap(), "/swagger-ui/");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_started_together_over_one_fresh_database_all_come_up() {
+    let Some(cluster) = TestApp::spawn_cluster(Store::Postgres, 3, |_| {}).await else { return };
+    for app in &cluster {
+        assert_eq!(app.get("/health/ready").await.status, 200);
+    }
+    let user = cluster[0].user("kim").await;
+    assert_eq!(cluster[2].get(&format!("/api/v1/users/{user}/balance")).await.status, 200, "one shared database");
+}

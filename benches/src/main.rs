@@ -1,0 +1,117 @@
+//! `shop-bench`: the reference's stock experiments (100 buyers on 100 units, 1,000 on 1,000, 1,000 on 100, and
+//! 1,000 on 1,000 over two instances), run against real release `shop-server` processes over a fresh PostgreSQL
+//! database per run, for each stock strategy; the median of N runs per cell goes to `benches/results/`.
+//!
+//! - [`instances`]: building and starting servers, fresh databases.
+//! - [`scenario`]: one run: set up through the API, release every buyer at once, measure, verify.
+//! - [`report`]: statistics, the Markdown table and the SVG chart.
+
+mod instances;
+mod report;
+mod scenario;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::scenario::Scenario;
+
+#[derive(Debug, Parser)]
+#[command(about = "Lock-strategy benchmark: the reference's experiments against release shop-server instances")]
+struct Cli {
+    /// Stock strategies to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "conditional,pessimistic,optimistic,local")]
+    strategies: Vec<String>,
+    /// Scenarios: 100x100, 1000x1000, 1000on100, 1000x1000x2 (two instances).
+    #[arg(long, value_delimiter = ',', default_value = "100x100,1000x1000,1000on100,1000x1000x2")]
+    scenarios: Vec<String>,
+    /// Runs per cell; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Each buyer also pays its order, measured as a second phase.
+    #[arg(long)]
+    pay: bool,
+    /// Order combining (`SHOP_ORDER_BATCH_MAX`) values to compare; empty leaves the server's default.
+    #[arg(long, value_delimiter = ',')]
+    batch_max: Vec<u32>,
+    /// PostgreSQL to create the fresh databases in.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    postgres: String,
+    /// Redis, for the redis-* strategies.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Where the results go.
+    #[arg(long, default_value = "benches/results")]
+    out: PathBuf,
+    /// Database pool size of each instance.
+    #[arg(long, default_value_t = 16)]
+    pool: u32,
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let scenarios: Vec<Scenario> = match cli.scenarios.iter().map(|s| s.parse()).collect() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("shop-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let binary = match instances::build_release() {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("shop-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let batches: Vec<Option<u32>> =
+        if cli.batch_max.is_empty() { vec![None] } else { cli.batch_max.iter().copied().map(Some).collect() };
+    let total = cli.strategies.len() * scenarios.len() * batches.len() * cli.repeat;
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut cells = Vec::new();
+    for strategy in &cli.strategies {
+        for scenario in &scenarios {
+            for batch in &batches {
+                let mut runs = Vec::with_capacity(cli.repeat);
+                for run in 0..cli.repeat {
+                    bar.set_message(format!("{strategy} {scenario} run {}", run + 1));
+                    let setup = scenario::Setup {
+                        binary: binary.clone(),
+                        postgres: cli.postgres.clone(),
+                        redis: cli.redis.clone(),
+                        strategy: strategy.clone(),
+                        batch_max: *batch,
+                        pool: cli.pool,
+                        pay: cli.pay,
+                    };
+                    match scenario::run(&setup, scenario).await {
+                        Ok(result) => runs.push(result),
+                        Err(e) => bar.println(format!("{strategy} {scenario}: run failed: {e}")),
+                    }
+                    bar.inc(1);
+                }
+                if !runs.is_empty() {
+                    cells.push(report::Cell::median_of(strategy, *scenario, *batch, runs));
+                }
+            }
+        }
+    }
+    bar.finish_with_message("done");
+    match report::write(&cli.out, &cells, cli.pay) {
+        Ok(table) => {
+            println!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shop-bench: writing the results: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

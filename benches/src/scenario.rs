@@ -1,0 +1,237 @@
+//! One run of one scenario: fresh database, servers, users and a hot option set up through the API, every buyer
+//! released at once, then the invariants checked.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::Barrier;
+
+use crate::instances::{self, ADMIN_TOKEN, FreshDatabase};
+
+/// Buyers, units of stock, and instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scenario {
+    pub buyers: usize,
+    pub stock: i64,
+    pub instances: usize,
+}
+
+impl FromStr for Scenario {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("unknown scenario `{s}`: use BUYERSxSTOCK, BUYERSonSTOCK or BUYERSxSTOCKxINSTANCES");
+        let parts: Vec<&str> = s.split(['x', 'o', 'n']).filter(|p| !p.is_empty()).collect();
+        let num = |i: usize| parts.get(i).and_then(|p| p.parse::<usize>().ok()).ok_or_else(bad);
+        let buyers = num(0)?;
+        let stock = i64::try_from(num(1)?).map_err(|_| bad())?;
+        let instances = if parts.len() > 2 { num(2)? } else { 1 };
+        Ok(Self { buyers, stock, instances })
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} buyers / {} units", self.buyers, self.stock)?;
+        if self.instances > 1 {
+            write!(f, " / {} instances", self.instances)?;
+        }
+        Ok(())
+    }
+}
+
+pub struct Setup {
+    pub binary: PathBuf,
+    pub postgres: String,
+    pub redis: String,
+    pub strategy: String,
+    pub batch_max: Option<u32>,
+    pub pool: u32,
+    pub pay: bool,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// First order sent to last order answered.
+    pub makespan: Duration,
+    /// Every order's latency.
+    pub latencies: Vec<Duration>,
+    pub created: usize,
+    pub out_of_stock: usize,
+    pub unavailable: usize,
+    pub other: usize,
+    pub final_stock: i64,
+    /// stock + sold == initial, no oversell, every 201 has its order.
+    pub correct: bool,
+    /// The payment phase's makespan and latencies, when buyers pay.
+    pub payment: Option<(Duration, Vec<Duration>, usize)>,
+}
+
+pub async fn run(setup: &Setup, scenario: &Scenario) -> Result<RunResult, String> {
+    let database = FreshDatabase::create(&setup.postgres).await?;
+    let outcome = run_on(setup, scenario, &database.url).await;
+    database.drop_now().await;
+    outcome
+}
+
+async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Result<RunResult, String> {
+    let mut env = vec![
+        ("SHOP_DATABASE_URL".to_owned(), database_url.to_owned()),
+        ("SHOP_STOCK_STRATEGY".to_owned(), setup.strategy.clone()),
+        ("SHOP_REDIS_URL".to_owned(), setup.redis.clone()),
+        ("SHOP_DB_MAX_CONNECTIONS".to_owned(), setup.pool.to_string()),
+    ];
+    if let Some(batch) = setup.batch_max {
+        env.push(("SHOP_ORDER_BATCH_MAX".to_owned(), batch.to_string()));
+    }
+    let servers = instances::start(&setup.binary, scenario.instances, &env).await?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(scenario.buyers)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let base = &servers.bases[0];
+    let product: Value = client
+        .post(format!("{base}/api/v1/admin/products"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(
+            &json!({"name": "limited drop", "options": [{"name": "one size", "price": 1000, "stock": scenario.stock}]}),
+        )
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let option = product["options"][0]["id"].as_i64().ok_or("no option id")?;
+    let product_id = product["id"].as_i64().ok_or("no product id")?;
+    let mut buyers = Vec::with_capacity(scenario.buyers);
+    for i in 0..scenario.buyers {
+        let user: Value = client
+            .post(format!("{base}/api/v1/users"))
+            .json(&json!({"name": format!("buyer-{i}")}))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let id = user["id"].as_i64().ok_or("no user id")?;
+        if setup.pay {
+            client
+                .post(format!("{base}/api/v1/users/{id}/balance/charge"))
+                .json(&json!({"amount": 10_000}))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        buyers.push(id);
+    }
+
+    // Every buyer waits at the barrier on an open connection, then all send at once.
+    let barrier = Arc::new(Barrier::new(buyers.len() + 1));
+    let tasks: Vec<_> = buyers
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let (client, barrier) = (client.clone(), barrier.clone());
+            let url = format!("{}/api/v1/orders", servers.bases[i % servers.bases.len()]);
+            let body = json!({"userId": user, "items": [{"productOptionId": option, "quantity": 1}]});
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let sent = Instant::now();
+                let response = client.post(url).json(&body).send().await;
+                let status = response.as_ref().map_or(0, |r| r.status().as_u16());
+                let order: Option<i64> = match response {
+                    Ok(r) if status == 201 => r.json::<Value>().await.ok().and_then(|v| v["id"].as_i64()),
+                    _ => None,
+                };
+                (status, sent.elapsed(), Instant::now(), order)
+            })
+        })
+        .collect();
+    barrier.wait().await;
+    let started = Instant::now();
+    let mut answers = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        answers.push(task.await.map_err(|e| e.to_string())?);
+    }
+    let makespan = answers.iter().map(|(_, _, done, _)| done.duration_since(started)).max().unwrap_or_default();
+    let count = |s: u16| answers.iter().filter(|a| a.0 == s).count();
+    let (created, out_of_stock, unavailable) = (count(201), count(409), count(503));
+    let other = answers.len() - created - out_of_stock - unavailable;
+    let orders: Vec<(usize, i64)> = answers.iter().enumerate().filter_map(|(i, a)| a.3.map(|id| (i, id))).collect();
+
+    let payment = if setup.pay { Some(pay_all(&client, &servers.bases, &buyers, &orders).await) } else { None };
+
+    // Verification, after the clock stopped.
+    let detail: Value = client
+        .get(format!("{base}/api/v1/products/{product_id}"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let final_stock = detail["options"][0]["stock"].as_i64().ok_or("no stock")?;
+    let mut every_order_exists = true;
+    for (_, id) in &orders {
+        let found =
+            client.get(format!("{base}/api/v1/orders/{id}")).send().await.is_ok_and(|r| r.status().as_u16() == 200);
+        every_order_exists &= found;
+    }
+    let sold = i64::try_from(created).unwrap_or(i64::MAX);
+    let correct =
+        final_stock + sold == scenario.stock && final_stock >= 0 && every_order_exists && orders.len() == created;
+    Ok(RunResult {
+        makespan,
+        latencies: answers.iter().map(|a| a.1).collect(),
+        created,
+        out_of_stock,
+        unavailable,
+        other,
+        final_stock,
+        correct,
+        payment,
+    })
+}
+
+/// Every buyer with an order pays it, all at once; the payment phase's makespan, latencies and successes.
+async fn pay_all(
+    client: &reqwest::Client,
+    bases: &[String],
+    buyers: &[i64],
+    orders: &[(usize, i64)],
+) -> (Duration, Vec<Duration>, usize) {
+    let barrier = Arc::new(Barrier::new(orders.len() + 1));
+    let tasks: Vec<_> = orders
+        .iter()
+        .map(|(buyer, order)| {
+            let (client, barrier) = (client.clone(), barrier.clone());
+            let url = format!("{}/api/v1/orders/{order}/payment", bases[buyer % bases.len()]);
+            let body = json!({"userId": buyers[*buyer]});
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let sent = Instant::now();
+                let ok = client.post(url).json(&body).send().await.is_ok_and(|r| r.status().as_u16() == 200);
+                (ok, sent.elapsed(), Instant::now())
+            })
+        })
+        .collect();
+    barrier.wait().await;
+    let started = Instant::now();
+    let mut results = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        if let Ok(r) = t.await {
+            results.push(r);
+        }
+    }
+    let makespan = results.iter().map(|r| r.2.duration_since(started)).max().unwrap_or_default();
+    let paid = results.iter().filter(|r| r.0).count();
+    (makespan, results.into_iter().map(|r| r.1).collect(), paid)
+}
