@@ -333,16 +333,7 @@ impl Transaction for SeaTransaction {
         quantity: Quantity,
         now: DateTime<Utc>,
     ) -> Result<bool, DomainError> {
-        let n = quantity.get();
-        let result = product_option::Entity::update_many()
-            .col_expr(product_option::Column::Stock, Expr::col(product_option::Column::Stock).sub(n))
-            .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
-            .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
-            .filter(product_option::Column::Id.eq(id.get()))
-            .filter(product_option::Column::Stock.gte(n))
-            .exec(&self.tx)
-            .await
-            .map_err(db)?;
+        let result = conditional_decrement(id, quantity, now).exec(&self.tx).await.map_err(db)?;
         Ok(result.rows_affected == 1)
     }
 
@@ -353,16 +344,10 @@ impl Transaction for SeaTransaction {
         fence: u64,
         now: DateTime<Utc>,
     ) -> Result<FencedWrite, DomainError> {
-        let n = quantity.get();
         let fence = i64::try_from(fence).map_err(DomainError::unexpected)?;
         // Equal tokens pass: one lock hold may write its option more than once.
-        let result = product_option::Entity::update_many()
-            .col_expr(product_option::Column::Stock, Expr::col(product_option::Column::Stock).sub(n))
-            .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
+        let result = conditional_decrement(id, quantity, now)
             .col_expr(product_option::Column::FenceToken, Expr::value(fence))
-            .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
-            .filter(product_option::Column::Id.eq(id.get()))
-            .filter(product_option::Column::Stock.gte(n))
             .filter(product_option::Column::FenceToken.lte(fence))
             .exec(&self.tx)
             .await
@@ -449,6 +434,23 @@ impl Transaction for SeaTransaction {
     async fn commit(self: Box<Self>) -> Result<(), DomainError> {
         self.tx.commit().await.map_err(db)
     }
+}
+
+/// `UPDATE product_options SET stock = stock - n, version = version + 1 WHERE id = ? AND stock >= n`: the
+/// decrement every strategy but the pessimistic one writes with. The version moves so that an optimistic
+/// writer that read the old stock retries.
+fn conditional_decrement(
+    id: ProductOptionId,
+    quantity: Quantity,
+    now: DateTime<Utc>,
+) -> sea_orm::UpdateMany<product_option::Entity> {
+    let n = quantity.get();
+    product_option::Entity::update_many()
+        .col_expr(product_option::Column::Stock, Expr::col(product_option::Column::Stock).sub(n))
+        .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
+        .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
+        .filter(product_option::Column::Id.eq(id.get()))
+        .filter(product_option::Column::Stock.gte(n))
 }
 
 impl SeaTransaction {

@@ -96,23 +96,6 @@ impl UserRepository for SeaUserRepository {
         limit: Money,
         now: DateTime<Utc>,
     ) -> Result<Money, DomainError> {
-        let add = amount.money().won();
-        // One conditional UPDATE: the addition happens in the row, so concurrent charges cannot lose one
-        // another, and the limit is checked against the value being written.
-        let updated = user::Entity::update_many()
-            .col_expr(user::Column::Balance, Expr::col(user::Column::Balance).add(add))
-            .col_expr(user::Column::Version, Expr::col(user::Column::Version).add(1))
-            .col_expr(user::Column::UpdatedAt, Expr::value(now))
-            .filter(user::Column::Id.eq(id.get()))
-            .filter(user::Column::DeletedAt.is_null())
-            .filter(user::Column::Balance.lte(limit.won() - add))
-            .exec_with_returning(&self.db)
-            .await
-            .map_err(db)?;
-        match updated.into_iter().next() {
-            Some(row) => Ok(Money::new(row.balance)?),
-            None if self.find(id).await?.is_some() => Err(DomainError::BalanceLimitExceeded { limit }),
-            None => Err(DomainError::UserNotFound(id)),
-        }
+        charge_on(&self.db, id, amount, limit, now).await
     }
 }

@@ -26,7 +26,7 @@ use rand::Rng;
 use crate::error::DomainError;
 use crate::ids::ProductOptionId;
 use crate::order::OrderLine;
-use crate::ports::{FencedWrite, Transaction};
+use crate::ports::{FencedWrite, StockRow, Transaction};
 
 pub use conditional::ConditionalStock;
 pub use local::LocalLockStock;
@@ -68,6 +68,20 @@ impl std::fmt::Debug for StockPermit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StockPermit").field("held", &self.guard.is_some()).field("fences", &self.fences).finish()
     }
+}
+
+/// What `rows` (read or locked for `lines`) leave of `line`'s option after taking it: the decision the
+/// pessimistic and optimistic strategies make in Rust before they write.
+///
+/// # Errors
+/// [`DomainError::ProductOptionNotFound`] when the row is missing; [`DomainError::OutOfStock`].
+pub(crate) fn left_after(rows: &[StockRow], line: &OrderLine) -> Result<StockRow, DomainError> {
+    let row = rows
+        .iter()
+        .find(|r| r.option_id == line.option_id)
+        .ok_or(DomainError::ProductOptionNotFound(line.option_id))?;
+    let left = row.stock.checked_take(line.quantity).ok_or(DomainError::OutOfStock { option_id: line.option_id })?;
+    Ok(StockRow { stock: left, ..*row })
 }
 
 /// Takes every line with the conditional decrement, carrying each option's fencing token: the write of a

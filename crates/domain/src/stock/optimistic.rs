@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{RetryPolicy, StockPermit, StockStrategy};
+use super::{RetryPolicy, StockPermit, StockStrategy, left_after};
 use crate::error::DomainError;
 use crate::ids::ProductOptionId;
 use crate::order::OrderLine;
@@ -39,13 +39,8 @@ impl StockStrategy for OptimisticStock {
         let ids: Vec<ProductOptionId> = lines.iter().map(|l| l.option_id).collect();
         let rows = tx.read_stock(&ids).await?;
         for line in lines {
-            let row = rows
-                .iter()
-                .find(|r| r.option_id == line.option_id)
-                .ok_or(DomainError::ProductOptionNotFound(line.option_id))?;
-            let left =
-                row.stock.checked_take(line.quantity).ok_or(DomainError::OutOfStock { option_id: line.option_id })?;
-            if !tx.write_stock(line.option_id, left, Some(row.version), now).await? {
+            let left = left_after(&rows, line)?;
+            if !tx.write_stock(line.option_id, left.stock, Some(left.version), now).await? {
                 return Err(DomainError::WriteConflict);
             }
         }

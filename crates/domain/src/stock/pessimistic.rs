@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{StockPermit, StockStrategy};
+use super::{StockPermit, StockStrategy, left_after};
 use crate::error::DomainError;
 use crate::ids::ProductOptionId;
 use crate::order::OrderLine;
@@ -32,14 +32,9 @@ impl StockStrategy for PessimisticStock {
         let ids: Vec<ProductOptionId> = lines.iter().map(|l| l.option_id).collect();
         let rows = tx.lock_stock(&ids).await?;
         for line in lines {
-            let row = rows
-                .iter()
-                .find(|r| r.option_id == line.option_id)
-                .ok_or(DomainError::ProductOptionNotFound(line.option_id))?;
             // The lock makes this read the current value until commit, so deciding in Rust is safe.
-            let left =
-                row.stock.checked_take(line.quantity).ok_or(DomainError::OutOfStock { option_id: line.option_id })?;
-            tx.write_stock(line.option_id, left, None, now).await?;
+            let left = left_after(&rows, line)?;
+            tx.write_stock(line.option_id, left.stock, None, now).await?;
         }
         Ok(())
     }
