@@ -12,7 +12,9 @@ pub const ADMIN_TOKEN: &str = "bench-admin-token";
 /// Builds `shop-server` in release mode and returns its path.
 pub fn build_release() -> Result<PathBuf, String> {
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "shop-server"])
+        // Both packages in one build: built alone, shop-server unifies features differently and every switch
+        // between the two rebuilds sqlx and rustls.
+        .args(["build", "--release", "-p", "shop-server", "-p", "shop-bench"])
         .status()
         .map_err(|e| format!("cargo build: {e}"))?;
     if !status.success() {
