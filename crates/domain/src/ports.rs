@@ -335,6 +335,9 @@ pub trait OrderRepository: Send + Sync {
 
     /// The user's orders, newest first.
     async fn list_by_user(&self, user_id: UserId, page: PageRequest) -> Result<Page<Order>, DomainError>;
+
+    /// The current stock of these options, read in one statement without any lock.
+    async fn stock_levels(&self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError>;
 }
 
 /// A dependency that `/health/ready` asks.

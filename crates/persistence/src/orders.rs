@@ -8,13 +8,13 @@ use sea_orm::{
 };
 use shop_domain::DomainError;
 use shop_domain::ids::{OrderId, PaymentId, ProductId, ProductOptionId, UserId};
-use shop_domain::money::{Money, Quantity};
+use shop_domain::money::{Money, Quantity, Stock};
 use shop_domain::order::{Order, OrderItem};
 use shop_domain::page::{Page, PageRequest};
 use shop_domain::payment::Payment;
-use shop_domain::ports::OrderRepository;
+use shop_domain::ports::{OrderRepository, StockRow};
 
-use crate::entity::{order, order_item, payment};
+use crate::entity::{order, order_item, payment, product_option};
 use crate::error::db;
 
 #[derive(Debug, Clone)]
@@ -125,5 +125,23 @@ impl OrderRepository for SeaOrderRepository {
             .await
             .map_err(db)?;
         Ok(Page { items: load_orders(&self.db, rows).await?, page: page.page(), size: page.size(), total })
+    }
+
+    async fn stock_levels(&self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError> {
+        let rows: Vec<(i64, i64, i64)> = product_option::Entity::find()
+            .select_only()
+            .column(product_option::Column::Id)
+            .column(product_option::Column::Stock)
+            .column(product_option::Column::Version)
+            .filter(product_option::Column::Id.is_in(ids.iter().map(|id| id.get())))
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(db)?;
+        rows.into_iter()
+            .map(|(id, stock, version)| {
+                Ok(StockRow { option_id: ProductOptionId::new(id)?, stock: Stock::new(stock)?, version })
+            })
+            .collect()
     }
 }

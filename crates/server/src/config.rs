@@ -86,11 +86,20 @@ pub struct Settings {
     pub http_workers: Option<usize>,
     /// Seed demo users and products into an empty SQLite database.
     pub seed_demo: bool,
-    /// Redis, for the `redis-*` strategies.
+    /// Redis, for the `redis-spin` and `redis-pubsub` strategies.
     pub redis_url: Option<String>,
+    /// The independent Redis nodes of `redis-redlock` (3 or 5), comma-separated.
+    #[serde(deserialize_with = "comma_list")]
+    pub redlock_urls: Vec<String>,
+    /// The namespace of this deployment's keys in Redis (`{prefix}:lock:option:{id}`).
+    pub redis_key_prefix: String,
+    /// How long a Redis stock lock lives without renewal; a watchdog renews it every third of this while the
+    /// order runs, so it only matters when the holder dies.
+    pub lock_lease_ms: u64,
     /// Retries of a whole order transaction after an optimistic conflict, before 503 `LOCK_TIMEOUT`.
     pub optimistic_max_retries: u32,
-    /// How long an order waits for its stock locks before 503 `LOCK_TIMEOUT`, in milliseconds.
+    /// How long an order waits for its stock locks (`local`, `redis-*`) before 503 `LOCK_TIMEOUT`, in
+    /// milliseconds.
     pub lock_wait_ms: u64,
     /// How long an order may stay unpaid before the sweeper cancels it: `900`, `90s`, `15m`, `1h`.
     #[serde(with = "duration_text")]
@@ -152,6 +161,9 @@ impl fmt::Debug for Settings {
             .field("http_workers", &self.http_workers)
             .field("seed_demo", &self.seed_demo)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redlock_urls", &self.redlock_urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
+            .field("redis_key_prefix", &self.redis_key_prefix)
+            .field("lock_lease_ms", &self.lock_lease_ms)
             .field("optimistic_max_retries", &self.optimistic_max_retries)
             .field("lock_wait_ms", &self.lock_wait_ms)
             .field("order_payment_timeout", &self.order_payment_timeout)
@@ -178,6 +190,20 @@ fn text_or_number<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Stri
     }))
 }
 
+/// `a,b,c` in the environment, or a TOML list.
+fn comma_list<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Raw::deserialize(de)? {
+        Raw::List(list) => list,
+        Raw::Text(text) => text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+    })
+}
+
 /// `scheme://user:secret@host` -> `scheme://user:***@host`.
 #[must_use]
 pub fn redact_url(url: &str) -> String {
@@ -202,6 +228,9 @@ impl Default for Settings {
             http_workers: None,
             seed_demo: true,
             redis_url: None,
+            redlock_urls: Vec::new(),
+            redis_key_prefix: "shop".to_owned(),
+            lock_lease_ms: 10_000,
             optimistic_max_retries: 50,
             lock_wait_ms: 5_000,
             // The reference's timeout.
@@ -273,11 +302,24 @@ impl Settings {
         if self.order_sweep_interval.is_zero() {
             return Err(ConfigError::Invalid { key: "SHOP_ORDER_SWEEP_INTERVAL", message: "must be positive".into() });
         }
-        if self.stock_strategy.needs_redis() && self.redis_url.is_none() {
+        if self.stock_strategy == StockStrategy::RedisRedlock {
+            if ![3, 5].contains(&self.redlock_urls.len()) {
+                return Err(ConfigError::Invalid {
+                    key: "SHOP_REDLOCK_URLS",
+                    message: format!(
+                        "redis-redlock needs 3 or 5 independent Redis nodes, comma-separated; {} given",
+                        self.redlock_urls.len()
+                    ),
+                });
+            }
+        } else if self.stock_strategy.needs_redis() && self.redis_url.is_none() {
             return Err(ConfigError::Invalid {
                 key: "SHOP_STOCK_STRATEGY",
                 message: format!("{} needs Redis: set SHOP_REDIS_URL", self.stock_strategy),
             });
+        }
+        if self.stock_strategy.needs_redis() && self.lock_lease_ms < 100 {
+            return Err(ConfigError::Invalid { key: "SHOP_LOCK_LEASE_MS", message: "must be at least 100".into() });
         }
         Ok(())
     }
@@ -307,6 +349,16 @@ mod tests {
     fn redis_strategies_need_a_redis_url() {
         let err = settings("sqlite://x.db", StockStrategy::RedisSpin).validate().unwrap_err().to_string();
         assert!(err.contains("SHOP_REDIS_URL"), "{err}");
+    }
+
+    #[test]
+    fn redlock_needs_three_or_five_nodes() {
+        let mut s = settings("sqlite://x.db", StockStrategy::RedisRedlock);
+        s.redlock_urls = vec!["redis://a".into(), "redis://b".into()];
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("SHOP_REDLOCK_URLS") && err.contains("2 given"), "{err}");
+        s.redlock_urls.push("redis://c".into());
+        assert!(s.validate().is_ok());
     }
 
     #[test]
@@ -357,6 +409,9 @@ mod tests {
             jail.set_env("SHOP_ORDER_SWEEP_INTERVAL", "5");
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             assert_eq!((s.order_payment_timeout.as_secs(), s.order_sweep_interval.as_secs()), (120, 5));
+            jail.set_env("SHOP_REDLOCK_URLS", "redis://a:1, redis://b:2,redis://c:3");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.redlock_urls, vec!["redis://a:1", "redis://b:2", "redis://c:3"]);
             jail.set_env("SHOP_ADMIN_TOKEN", "12345678");
             assert_eq!(Settings::load(None).map_err(|e| e.to_string())?.admin_token.as_deref(), Some("12345678"));
             jail.set_env("SHOP_STOCK_STRATEGY", "bogus");

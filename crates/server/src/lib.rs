@@ -17,7 +17,7 @@ use std::time::Duration;
 use actix_web::HttpServer;
 use actix_web::dev::{Server, ServerHandle};
 use sea_orm::DatabaseConnection;
-use shop_domain::ports::{Clock, SystemClock};
+use shop_domain::ports::{Clock, Probe, SystemClock};
 use shop_domain::services::{CartService, CatalogService, IdempotencyService, OrderService, UserService};
 use shop_domain::stock::{
     ConditionalStock, LocalLockStock, OptimisticStock, PessimisticStock, RetryPolicy, StockStrategy,
@@ -35,6 +35,8 @@ const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 const IDEMPOTENCY_LEASE: Duration = Duration::from_secs(60);
 use tokio::task::JoinHandle;
 
+use shop_redis::{PubSubLock, RedisLockStock, Redlock, SpinLock};
+
 use crate::events::BroadcastPublisher;
 
 pub use config::{ConfigError, Settings, StockStrategy as StockStrategyName};
@@ -50,6 +52,8 @@ pub enum StartupError {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("the server failed: {0}")]
     Serve(std::io::Error),
+    #[error("{strategy} cannot reach Redis: {source}")]
+    Redis { strategy: StockStrategyName, source: shop_redis::LockError },
 }
 
 /// Opens the pool and applies pending migrations.
@@ -108,7 +112,7 @@ impl Application {
         }
         let events = BroadcastPublisher::new(1024);
         let mut background = vec![tokio::spawn(events::log_events(events.subscribe()))];
-        let state = wire(&settings, &db, clock, Arc::new(events))?;
+        let state = wire(&settings, &db, clock, Arc::new(events)).await?;
         background.push(tokio::spawn(sweep(
             state.orders.clone(),
             state.idempotency.clone(),
@@ -180,10 +184,13 @@ impl Application {
     }
 }
 
-/// The stock strategy the settings name.
-fn stock_strategy(settings: &Settings) -> Result<Arc<dyn StockStrategy>, ConfigError> {
+/// The stock strategy the settings name, and the probe of what it depends on beyond the database.
+async fn stock_strategy(settings: &Settings) -> Result<(Arc<dyn StockStrategy>, Option<Arc<dyn Probe>>), StartupError> {
     let wait = Duration::from_millis(settings.lock_wait_ms);
-    Ok(match settings.stock_strategy {
+    let lease = Duration::from_millis(settings.lock_lease_ms);
+    let redis_error = |source: shop_redis::LockError| StartupError::Redis { strategy: settings.stock_strategy, source };
+    let redis_url = || settings.redis_url.clone().unwrap_or_default();
+    let strategy: Arc<dyn StockStrategy> = match settings.stock_strategy {
         StockStrategyName::Conditional => Arc::new(ConditionalStock),
         StockStrategyName::Pessimistic => Arc::new(PessimisticStock),
         StockStrategyName::Optimistic => Arc::new(OptimisticStock::new(RetryPolicy {
@@ -198,19 +205,32 @@ fn stock_strategy(settings: &Settings) -> Result<Arc<dyn StockStrategy>, ConfigE
             Arc::new(LocalLockStock::new(wait))
         }
         // Refused by `Settings::validate` until the Redis adapter exists.
-        StockStrategyName::RedisSpin
-        | StockStrategyName::RedisRedlock
-        | StockStrategyName::RedisPubsub
-        | StockStrategyName::RedisOptimistic => {
+        StockStrategyName::RedisSpin => {
+            let lock = SpinLock::connect(&redis_url(), lease).await.map_err(redis_error)?;
+            let probe: Arc<dyn Probe> = Arc::new(lock.probe());
+            return Ok((Arc::new(RedisLockStock::new(lock, wait, settings.redis_key_prefix.clone())), Some(probe)));
+        }
+        StockStrategyName::RedisPubsub => {
+            let lock = PubSubLock::connect(&redis_url(), lease).await.map_err(redis_error)?;
+            let probe: Arc<dyn Probe> = Arc::new(lock.probe());
+            return Ok((Arc::new(RedisLockStock::new(lock, wait, settings.redis_key_prefix.clone())), Some(probe)));
+        }
+        StockStrategyName::RedisRedlock => {
+            let lock = Redlock::connect(&settings.redlock_urls, lease).await.map_err(redis_error)?;
+            let probe: Arc<dyn Probe> = Arc::new(lock.probe());
+            return Ok((Arc::new(RedisLockStock::new(lock, wait, settings.redis_key_prefix.clone())), Some(probe)));
+        }
+        StockStrategyName::RedisOptimistic => {
             return Err(ConfigError::Invalid {
                 key: "SHOP_STOCK_STRATEGY",
-                message: format!(
-                    "{} is not available in this version: use conditional, optimistic, pessimistic or local",
-                    settings.stock_strategy
-                ),
-            });
+                message: "redis-optimistic is not available in this version: use redis-spin, redis-pubsub, \
+                          redis-redlock or a database strategy"
+                    .into(),
+            }
+            .into());
         }
-    })
+    };
+    Ok((strategy, None))
 }
 
 /// Every `interval`, for as long as the server runs: cancels unpaid orders past the timeout and deletes expired
@@ -235,12 +255,15 @@ async fn sweep(orders: OrderService, idempotency: IdempotencyService, timeout: D
 }
 
 /// One factory for every adapter the settings choose.
-fn wire(
+async fn wire(
     settings: &Settings,
     db: &DatabaseConnection,
     clock: Arc<dyn Clock>,
     events: Arc<BroadcastPublisher>,
-) -> Result<AppState, ConfigError> {
+) -> Result<AppState, StartupError> {
+    let (stock, stock_probe) = stock_strategy(settings).await?;
+    let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(DatabaseProbe::new(db.clone()))];
+    probes.extend(stock_probe);
     let users = Arc::new(SeaUserRepository::new(db.clone()));
     let products = Arc::new(SeaProductRepository::new(db.clone()));
     let carts = Arc::new(SeaCartRepository::new(db.clone()));
@@ -257,9 +280,9 @@ fn wire(
             IDEMPOTENCY_LEASE,
         ),
         catalog: CatalogService::new(products, clock.clone()),
-        orders: OrderService::new(uow.clone(), orders, users.clone(), stock_strategy(settings)?, clock.clone(), events),
+        orders: OrderService::new(uow.clone(), orders, users.clone(), stock, clock.clone(), events),
         cart: CartService::new(carts, users, uow, clock),
         admin_token: settings.admin_token.as_deref().map(Arc::from),
-        probes: vec![Arc::new(DatabaseProbe::new(db.clone()))],
+        probes,
     })
 }

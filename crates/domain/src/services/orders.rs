@@ -65,7 +65,13 @@ impl OrderService {
         request: OrderRequest,
         recorder: Option<&Recorder<'_, Order>>,
     ) -> Result<Order, DomainError> {
+        self.refuse_if_short(&request).await?;
         let permit = self.stock.acquire(request.lines()).await?;
+        if permit.is_held() {
+            // Buyers who queued on the lock while the last units went learn it from one read under the lock
+            // (exact now: stock only falls by a lock holder), not from a whole transaction.
+            self.refuse_if_short(&request).await?;
+        }
         let retry = self.stock.retry_policy();
         let mut attempt = 0;
         let order = loop {
@@ -89,6 +95,26 @@ impl OrderService {
             total_price: order.total_price,
         });
         Ok(order)
+    }
+
+    /// A sold-out option is refused before any lock or transaction: under a flash sale most buyers arrive after
+    /// the last unit went, and each would otherwise queue for the lock only to learn it. The answer is exact at
+    /// the moment of the read (stock only comes back by a cancellation or an admin count, which may land just
+    /// after it); the buyers it lets through still meet the strategy's guarded write.
+    async fn refuse_if_short(&self, request: &OrderRequest) -> Result<(), DomainError> {
+        let ids: Vec<ProductOptionId> = request.lines().iter().map(|l| l.option_id).collect();
+        let levels = self.orders.stock_levels(&ids).await?;
+        for line in request.lines() {
+            let short = levels
+                .iter()
+                .find(|row| row.option_id == line.option_id)
+                .is_some_and(|row| row.stock.checked_take(line.quantity).is_none());
+            if short {
+                return Err(DomainError::OutOfStock { option_id: line.option_id });
+            }
+        }
+        // An option missing here is reported by the transaction, with the rest of its validation.
+        Ok(())
     }
 
     async fn try_create(
@@ -360,7 +386,32 @@ mod tests {
         stock: Arc<dyn StockStrategy>,
         events: Arc<MockEventPublisher>,
     ) -> OrderService {
-        service_with(txs, stock, events, MockOrderRepository::new(), MockUserRepository::new())
+        service_with(txs, stock, events, plenty_of_stock(), MockUserRepository::new())
+    }
+
+    /// An order repository whose pre-check finds 10 units of everything.
+    fn plenty_of_stock() -> MockOrderRepository {
+        let mut orders = MockOrderRepository::new();
+        orders.expect_stock_levels().returning(|ids| {
+            Ok(ids.iter().map(|id| StockRow { option_id: *id, stock: Stock::new(10).unwrap(), version: 0 }).collect())
+        });
+        orders
+    }
+
+    #[tokio::test]
+    async fn a_sold_out_option_is_refused_before_any_lock_or_transaction() {
+        let mut orders = MockOrderRepository::new();
+        orders.expect_stock_levels().returning(|ids| {
+            Ok(ids
+                .iter()
+                .map(|id| StockRow { option_id: *id, stock: Stock::new(i64::from(id.get() == 1)).unwrap(), version: 0 })
+                .collect())
+        });
+        let (events, _) = events(0);
+        // No transaction is expected: `uow` panics if one begins.
+        let svc = service_with(vec![], Arc::new(ConditionalStock), events, orders, MockUserRepository::new());
+        let err = svc.create(request(&[(1, 1), (2, 1)]), None).await.unwrap_err();
+        assert!(matches!(err, DomainError::OutOfStock { option_id } if option_id == oid(2)));
     }
 
     fn service_with(

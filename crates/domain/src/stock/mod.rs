@@ -57,6 +57,12 @@ impl StockPermit {
         Self { guard: Some(Box::new(guard)), fences }
     }
 
+    /// Whether this permit holds locks taken outside the database.
+    #[must_use]
+    pub fn is_held(&self) -> bool {
+        self.guard.is_some()
+    }
+
     /// The fencing token of this option's lock, if the strategy fences.
     #[must_use]
     pub fn fence(&self, option: ProductOptionId) -> Option<u64> {

@@ -290,6 +290,8 @@ macro_rules! on_every_strategy {
                 if let Some(app) = TestApp::spawn_with(store, |s| {
                     s.stock_strategy = strategy;
                     s.db_max_connections = 16;
+                    // These races prove correctness; a loaded CI machine must not turn a slow lock into a 503.
+                    s.lock_wait_ms = 60_000;
                 })
                 .await
                 {

@@ -10,4 +10,5 @@ mod idempotency;
 mod operations;
 mod orders;
 mod products;
+mod redis_locks;
 mod users;

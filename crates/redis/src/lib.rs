@@ -1,0 +1,35 @@
+//! Redis distributed locks, and the stock strategy and readiness probe built on them.
+//!
+//! This crate owns everything the shop keeps in Redis: the lock keys (`{prefix}:lock:option:{id}`), their fence
+//! counters and release channels, and the Lua scripts that touch them. It depends on `shop-domain` (whose
+//! [`shop_domain::stock::StockStrategy`] and [`shop_domain::ports::Probe`] ports it implements) and on fred, never
+//! on the database, HTTP or the server crate.
+//!
+//! Every lock stores a random owner token under the key with a lease, renews the lease from a watchdog while held,
+//! and deletes the key only if it still holds the token; every grant comes with a fencing token that strictly
+//! increases per key, so the stock row can refuse a write from a holder whose lease ran out.
+//!
+//! - [`lock`]: the [`DistributedLock`] port, [`LockError`], and the [`LockGuard`] (watchdog, release on drop).
+//! - [`spin`]: `redis-spin`, SET NX polled with a jittered sleep.
+//! - [`pubsub`]: `redis-pubsub`, waiters sleep until a release message or the holder's TTL.
+//! - [`redlock`]: `redis-redlock`, a majority of independent nodes, with fences that survive a change of majority.
+//! - [`strategy`]: [`RedisLockStock`], the stock strategy over any of them.
+//! - [`probe`]: [`RedisProbe`], PING for `/health/ready`.
+//! - `scripts`: the Lua scripts (acquire, unlock, extend, raise-fence) and the keys they derive.
+//! - `node`: connecting a client with bounded timeouts; the single-node lease.
+
+pub mod lock;
+mod node;
+pub mod probe;
+pub mod pubsub;
+pub mod redlock;
+mod scripts;
+pub mod spin;
+pub mod strategy;
+
+pub use lock::{DistributedLock, LockError, LockGuard};
+pub use probe::RedisProbe;
+pub use pubsub::PubSubLock;
+pub use redlock::Redlock;
+pub use spin::SpinLock;
+pub use strategy::{RedisLockStock, option_lock_key};

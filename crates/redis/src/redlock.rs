@@ -1,0 +1,275 @@
+//! `redis-redlock`: the Redlock algorithm over N independent Redis servers (3 or 5), so that the lock survives
+//! the loss of any minority of them.
+//!
+//! An attempt runs the acquire script on every node at once and wins when a majority granted it while the lease
+//! still has time left after the round trips and a clock-drift allowance (`validity = lease - elapsed - drift`).
+//! A majority is what makes the lock exclusive: two clients cannot both hold more than half of the nodes. A lost
+//! attempt is undone on every node (a node may have granted after the answer was given up on) and retried after
+//! a random delay that grows with each loss, so that contenders who split the votes do not split them again. A
+//! round stops waiting as soon as its outcome is known, and a node known to be disconnected counts as a "no" at
+//! once: a dead node costs nothing while a majority is up.
+//!
+//! # Fencing
+//! Each node keeps its own fence counter, bumped by the acquire script. After winning, the holder takes the
+//! largest counter among the nodes that granted as its fence and raises the counter of every node it still owns
+//! to that value (never lowering one), and only counts the lock as won if a majority confirmed the raise while
+//! still owned. Any two majorities of the same N nodes share at least one node, so the next holder's majority
+//! includes a node that recorded this fence; that node's lock was ours until the raise was written (the script
+//! checks the token), so the next holder bumps a counter that is already at least this fence and takes a larger
+//! one. Tokens therefore strictly increase across holders. Like the lock itself this assumes a node does not come
+//! back empty (without its data) while a lock it granted is still live: restart crashed nodes after the lease or
+//! with persistence.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::prelude::{Client, ClientLike};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use shop_domain::stock::RetryPolicy;
+use tokio::time::Instant;
+
+use crate::lock::{self, DistributedLock, Lease, LockError, LockGuard};
+use crate::node;
+use crate::probe::RedisProbe;
+use crate::scripts::{self, Attempt};
+
+/// The random pause between lost attempts: full jitter under a ceiling that doubles per loss (1 ms up to 50 ms),
+/// so that the more contenders split the votes, the more they spread out, and a round again has one winner.
+const BACKOFF: RetryPolicy =
+    RetryPolicy { max_retries: u32::MAX, base: Duration::from_millis(1), cap: Duration::from_millis(50) };
+
+/// A lock held on a majority of independent Redis servers.
+#[derive(Debug, Clone)]
+pub struct Redlock {
+    nodes: Arc<Nodes>,
+    lease: Duration,
+}
+
+impl Redlock {
+    /// Connects one client per URL, concurrently, each with a bounded connect wait and a per-command timeout of
+    /// `lease / 50` (20 ms to 200 ms): small against the lease (as the Redlock description asks), because a round
+    /// whose live nodes split their votes must wait for the slowest node before it can give its grants back.
+    /// Nodes that are down at start (or later) are reconnected in the background and count as a "no" meanwhile.
+    ///
+    /// # Errors
+    /// [`LockError::NoQuorum`] when fewer than a majority can be reached; [`LockError::Config`] for no URL or a
+    /// lease under 30 ms; [`LockError::Redis`] for a malformed URL.
+    pub async fn connect<S: AsRef<str>>(urls: &[S], lease: Duration) -> Result<Self, LockError> {
+        lock::check_lease(lease)?;
+        if urls.is_empty() {
+            return Err(LockError::Config("redlock needs at least one node (3 or 5 make sense)".into()));
+        }
+        let node_timeout = (lease / 50).clamp(Duration::from_millis(20), Duration::from_millis(200));
+        let mut clients = Vec::with_capacity(urls.len());
+        for url in urls {
+            let client = node::builder(url.as_ref(), node_timeout)?
+                // Keep connecting in the background instead of failing: the lock works without a minority.
+                .with_config(|c| c.fail_fast = false)
+                .build()?;
+            clients.push(client);
+        }
+        let up = futures::future::join_all(clients.iter().map(|client| async move {
+            node::init(client).await?;
+            scripts::load_all(client).await.map_err(LockError::from)
+        }))
+        .await;
+        let nodes = Nodes { clients };
+        let answered = up.iter().filter(|r| r.is_ok()).count();
+        if answered < nodes.quorum() {
+            return Err(LockError::NoQuorum { answered, needed: nodes.quorum(), nodes: nodes.clients.len() });
+        }
+        for (url, result) in urls.iter().zip(up) {
+            if let Err(e) = result {
+                tracing::warn!(node = url.as_ref(), error = %e, "redlock node is down; continuing with a majority");
+            }
+        }
+        Ok(Self { nodes: Arc::new(nodes), lease })
+    }
+
+    /// A readiness probe of every node: ready while a majority answers.
+    #[must_use]
+    pub fn probe(&self) -> RedisProbe {
+        RedisProbe::new(self.nodes.clients.clone())
+    }
+
+    /// Runs the unlock script with `token` on every node as if its owner released: a no-op unless `token` owns
+    /// the lock. Whether it deleted the lock anywhere. For tests of foreign unlocks.
+    ///
+    /// # Errors
+    /// [`LockError::NoQuorum`] when a majority did not answer.
+    #[doc(hidden)]
+    pub async fn force_unlock_as(&self, key: &str, token: &str) -> Result<bool, LockError> {
+        self.nodes.release(key, token).await
+    }
+
+    /// One attempt: the fence when won, else how many nodes did not answer.
+    async fn attempt(&self, key: &str, token: &str) -> Result<u64, usize> {
+        let started = Instant::now();
+        let lease = self.lease;
+        let grants = self
+            .nodes
+            .round(|client| async move {
+                Ok(match scripts::acquire(&client, key, token, lease).await? {
+                    Attempt::Granted { fence } => Some(fence),
+                    Attempt::Held { .. } => None,
+                })
+            })
+            .await;
+        let quorum = self.nodes.quorum();
+        if grants.succeeded.len() < quorum {
+            return Err(grants.errors);
+        }
+        // Each node answered its counter after the bump, so the largest is one more than the largest before.
+        let fence = grants.succeeded.iter().copied().max().unwrap_or(0);
+        let raised = self
+            .nodes
+            .round(|client| async move { Ok(scripts::raise_fence(&client, key, token, fence).await?.then_some(())) })
+            .await;
+        // The clocks of the nodes may run a little faster than ours: 1% of the lease, plus 2 ms for the
+        // granularity of Redis' expiry.
+        let drift = self.lease / 100 + Duration::from_millis(2);
+        let valid = self.lease.checked_sub(started.elapsed() + drift).is_some_and(|v| !v.is_zero());
+        if raised.succeeded.len() >= quorum && valid { Ok(fence) } else { Err(raised.errors) }
+    }
+}
+
+#[async_trait]
+impl DistributedLock for Redlock {
+    async fn lock(&self, key: &str, deadline: Instant) -> Result<LockGuard, LockError> {
+        let token = lock::new_token();
+        let mut lost = 0u32;
+        loop {
+            let unanswered = match self.attempt(key, &token).await {
+                Ok(fence) => {
+                    let lease: Arc<dyn Lease> = self.nodes.clone();
+                    return Ok(LockGuard::new(key, token, fence, self.lease, lease));
+                }
+                Err(unanswered) => unanswered,
+            };
+            // Undo everywhere, not only where granted: a node may have granted after the round stopped waiting.
+            if let Err(e) = self.nodes.release(key, &token).await {
+                tracing::debug!(%key, error = %e, "undoing a lost redlock attempt failed; it expires with its lease");
+            }
+            let left = lock::remaining(deadline);
+            if left.is_zero() {
+                return Err(self.nodes.failure(unanswered));
+            }
+            tokio::time::sleep(BACKOFF.delay(lost).min(left)).await;
+            lost = lost.saturating_add(1);
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "redis-redlock"
+    }
+}
+
+/// The clients of the independent nodes.
+#[derive(Debug)]
+struct Nodes {
+    clients: Vec<Client>,
+}
+
+/// What a round on every node gave: the successes, and how many nodes failed to answer.
+struct Round<T> {
+    succeeded: Vec<T>,
+    errors: usize,
+}
+
+impl Nodes {
+    /// A strict majority: two of them always share a node.
+    fn quorum(&self) -> usize {
+        self.clients.len() / 2 + 1
+    }
+
+    /// The error of a lock that ran out of time: no quorum when a majority did not even answer the last round.
+    fn failure(&self, errors: usize) -> LockError {
+        let nodes = self.clients.len();
+        if errors > nodes - self.quorum() {
+            LockError::NoQuorum { answered: nodes - errors, needed: self.quorum(), nodes }
+        } else {
+            LockError::Timeout
+        }
+    }
+
+    /// Runs `op` on every node at once and returns as soon as the outcome is known: a majority succeeded
+    /// (`Some`), or too many failed for a majority to be possible. Waiting for the rest would only wait for the
+    /// slowest (a dead node's command timeout); what they do after is covered by the token checks and the lease.
+    async fn round<T, F, Fut>(&self, op: F) -> Round<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<Option<T>, LockError>>,
+    {
+        let (nodes, quorum) = (self.clients.len(), self.quorum());
+        let mut pending: FuturesUnordered<_> = self
+            .clients
+            .iter()
+            .map(|c| {
+                // A node known to be down answers "no" at once: waiting for its command timeout would leave a
+                // split round (one live node granted, one refused) holding its grant until then, and under
+                // contention those splits never end.
+                let connected = c.is_connected();
+                let attempt = op(c.clone());
+                async move { if connected { attempt.await } else { Err(LockError::Disconnected) } }
+            })
+            .collect();
+        let (mut succeeded, mut failed, mut errors) = (Vec::with_capacity(nodes), 0, 0);
+        while let Some(answer) = pending.next().await {
+            match answer {
+                Ok(Some(value)) => succeeded.push(value),
+                Ok(None) => failed += 1,
+                Err(e) => {
+                    tracing::debug!(error = %e, "redlock node did not answer");
+                    failed += 1;
+                    errors += 1;
+                }
+            }
+            if succeeded.len() >= quorum || failed > nodes - quorum {
+                break;
+            }
+        }
+        Round { succeeded, errors }
+    }
+}
+
+#[async_trait]
+impl Lease for Nodes {
+    /// Renewed when a majority renewed: the same majority that makes the lock exclusive.
+    async fn extend(&self, key: &str, token: &str, lease: Duration) -> Result<bool, LockError> {
+        let round = self
+            .round(|client| async move { Ok(scripts::extend(&client, key, token, lease).await?.then_some(())) })
+            .await;
+        if round.succeeded.len() >= self.quorum() {
+            return Ok(true);
+        }
+        match self.failure(round.errors) {
+            LockError::Timeout => Ok(false),
+            unreachable => Err(unreachable),
+        }
+    }
+
+    /// Released once a majority answered (nobody else can win before that); whether any node still held it.
+    async fn release(&self, key: &str, token: &str) -> Result<bool, LockError> {
+        let round = self.round(|client| async move { scripts::unlock(&client, key, token).await.map(Some) }).await;
+        if round.succeeded.len() >= self.quorum() {
+            Ok(round.succeeded.contains(&true))
+        } else {
+            Err(self.failure(round.errors))
+        }
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            for client in self.clients.clone() {
+                runtime.spawn(async move {
+                    let _ = client.quit().await;
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The domain's [`StockStrategy`] on a [`DistributedLock`]: one Redis lock per ordered option, held from before
+//! the order's transaction until after it, with each lock's fencing token carried into the stock write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use shop_domain::DomainError;
+use shop_domain::ids::ProductOptionId;
+use shop_domain::order::OrderLine;
+use shop_domain::ports::Transaction;
+use shop_domain::stock::{StockPermit, StockStrategy, take_fenced};
+use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
+
+use crate::lock::{DistributedLock, LockError, LockGuard};
+
+/// The Redis key of an option's stock lock, under `prefix` (`SHOP_REDIS_KEY_PREFIX`): deployments that share one
+/// Redis, and tests running side by side, each keep their own locks and fence counters.
+#[must_use]
+pub fn option_lock_key(prefix: &str, option_id: shop_domain::ids::ProductOptionId) -> String {
+    format!("{prefix}:lock:option:{option_id}")
+}
+
+/// Takes stock under a distributed lock per option; the row write is fenced, so a holder whose lease ran out
+/// while it was paused cannot overwrite a newer holder's write.
+#[derive(Debug)]
+pub struct RedisLockStock<L: DistributedLock> {
+    lock: L,
+    wait: Duration,
+    name: &'static str,
+    prefix: String,
+    /// One FIFO queue per option in this process: of all the requests of one instance that want an option, only
+    /// the head contends in Redis; the rest wait here without polling, and are handed the turn in order. Mutual
+    /// exclusion across instances is still the Redis lock's alone.
+    local: std::sync::Mutex<HashMap<ProductOptionId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// What an order holds: its Redis locks, and this instance's queue turns for the same options.
+struct HeldLocks {
+    redis: Vec<LockGuard>,
+    local: Vec<OwnedMutexGuard<()>>,
+}
+
+impl Drop for HeldLocks {
+    fn drop(&mut self) {
+        let (mut redis, local) = (std::mem::take(&mut self.redis), std::mem::take(&mut self.local));
+        // Release in Redis first and only then pass the local turn on, so the next waiter of this instance does
+        // not find the lock still held and fall back to polling.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                release_all(&mut redis).await;
+                drop(local);
+            });
+        }
+    }
+}
+
+impl<L: DistributedLock> RedisLockStock<L> {
+    /// `wait` bounds how long an order waits for all its locks together before answering `LOCK_TIMEOUT`; keys
+    /// live under `prefix`.
+    pub fn new(lock: L, wait: Duration, prefix: impl Into<String>) -> Self {
+        let name = lock.name();
+        Self { lock, wait, name, prefix: prefix.into(), local: std::sync::Mutex::new(HashMap::new()) }
+    }
+
+    fn queue_of(&self, option: ProductOptionId) -> Arc<tokio::sync::Mutex<()>> {
+        // Held only to look up or insert, never across an await.
+        let mut queues = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        queues.entry(option).or_default().clone()
+    }
+}
+
+/// Releases every guard; a failure is logged, and the lock then expires with its lease.
+async fn release_all(guards: &mut [LockGuard]) {
+    for guard in guards.iter_mut().rev() {
+        if let Err(e) = guard.release().await {
+            tracing::warn!(key = guard.key(), error = %e, "releasing a stock lock failed");
+        }
+    }
+}
+
+#[async_trait]
+impl<L: DistributedLock> StockStrategy for RedisLockStock<L> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// # Errors
+    /// [`DomainError::LockTimeout`] when the locks could not all be had within the wait; [`DomainError::Unexpected`]
+    /// when Redis failed.
+    async fn acquire(&self, lines: &[OrderLine]) -> Result<StockPermit, DomainError> {
+        // One deadline for all the locks, so that an order with many lines waits no longer than one with one.
+        let deadline = Instant::now() + self.wait;
+        let mut held = HeldLocks { redis: Vec::with_capacity(lines.len()), local: Vec::with_capacity(lines.len()) };
+        let mut fences = BTreeMap::new();
+        // Ascending option order (the lines are sorted): two orders never each hold the other's next lock.
+        for line in lines {
+            let turn = tokio::time::timeout_at(deadline, self.queue_of(line.option_id).lock_owned()).await;
+            let Ok(turn) = turn else {
+                return Err(DomainError::LockTimeout { retry_after_secs: 1 });
+            };
+            held.local.push(turn);
+            match self.lock.lock(&option_lock_key(&self.prefix, line.option_id), deadline).await {
+                Ok(guard) => {
+                    fences.insert(line.option_id, guard.fence());
+                    held.redis.push(guard);
+                }
+                // Dropping `held` releases what this order took, so it keeps nobody out while it gives up.
+                Err(LockError::Timeout) => return Err(DomainError::LockTimeout { retry_after_secs: 1 }),
+                Err(other) => return Err(DomainError::unexpected(other)),
+            }
+        }
+        Ok(StockPermit::fenced(held, fences))
+    }
+
+    async fn take(
+        &self,
+        tx: &mut dyn Transaction,
+        lines: &[OrderLine],
+        permit: &StockPermit,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        take_fenced(tx, lines, permit, now).await
+    }
+}

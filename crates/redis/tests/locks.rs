@@ -1,0 +1,591 @@
+//! The locks against real Redis: 127.0.0.1:6379 for the single-node locks, and `redis-server` processes started
+//! per test for Redlock. Without Redis the tests print a skip line and pass, unless `CI` is set.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use fred::prelude::{Client, ClientLike, Config, KeysInterface, LuaInterface, PubsubInterface, Value};
+use rand::Rng;
+use shop_domain::DomainError;
+use shop_domain::ids::ProductOptionId;
+use shop_domain::money::Quantity;
+use shop_domain::order::OrderLine;
+use shop_domain::ports::{FencedWrite, MockTransaction, Probe};
+use shop_domain::stock::StockStrategy;
+use shop_redis::{DistributedLock, LockError, PubSubLock, RedisLockStock, Redlock, SpinLock, option_lock_key};
+
+/// The key namespace of these tests' stock locks.
+const PREFIX: &str = "shop-redis-test";
+use tokio::time::Instant;
+
+const URL: &str = "redis://127.0.0.1:6379";
+
+fn skip_or_fail(why: &str) -> bool {
+    assert!(std::env::var_os("CI").is_none(), "{why}, and CI requires it");
+    eprintln!("skipping: {why}");
+    false
+}
+
+/// Whether the shared Redis answers; fails under CI when it does not.
+fn redis_up() -> bool {
+    match TcpStream::connect_timeout(&"127.0.0.1:6379".parse().unwrap(), Duration::from_secs(1)) {
+        Ok(_) => true,
+        Err(_) => skip_or_fail("no Redis at 127.0.0.1:6379"),
+    }
+}
+
+/// A key of this test only.
+fn key(name: &str) -> String {
+    format!("test:{:016x}:{name}", rand::rng().random::<u64>())
+}
+
+fn within(d: Duration) -> Instant {
+    Instant::now() + d
+}
+
+async fn raw(url: &str) -> Client {
+    let client = Client::new(Config::from_url(url).unwrap(), None, None, None);
+    client.init().await.unwrap();
+    client
+}
+
+async fn spin(lease: Duration) -> Arc<dyn DistributedLock> {
+    Arc::new(SpinLock::connect(URL, lease).await.unwrap())
+}
+
+async fn pubsub(lease: Duration) -> Arc<dyn DistributedLock> {
+    Arc::new(PubSubLock::connect(URL, lease).await.unwrap())
+}
+
+/// `redis-server` processes on free ports, killed when dropped.
+struct Servers {
+    ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+}
+
+impl Servers {
+    /// `n` fresh servers without persistence, or `None` (skip) when `redis-server` is not installed.
+    fn start(n: usize) -> Option<Self> {
+        if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
+            skip_or_fail("redis-server is not installed");
+            return None;
+        }
+        let mut servers = Self { ports: Vec::new(), children: Vec::new() };
+        for _ in 0..n {
+            // The OS picks a free port; there is a small window before redis-server binds it.
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--daemonize", "no", "--loglevel", "warning"])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            servers.ports.push(port);
+            servers.children.push(Some(child));
+        }
+        for &port in &servers.ports {
+            let started = std::time::Instant::now();
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(started.elapsed() < Duration::from_secs(5), "redis-server on {port} did not start");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Some(servers)
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect()
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            if let Some(mut child) = self.children[i].take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+async fn redlock(servers: &Servers, lease: Duration) -> Arc<dyn DistributedLock> {
+    Arc::new(Redlock::connect(&servers.urls(), lease).await.unwrap())
+}
+
+/// What the contenders saw.
+struct Contention {
+    count: u64,
+    most_inside: usize,
+    fences: Vec<u64>,
+}
+
+/// `tasks` tasks released at once, alternating over the two lock instances, each incrementing a counter outside
+/// Redis with a read, a yield and a write (lost updates show as a count below `tasks`) under the lock on `key`.
+async fn contend(locks: [Arc<dyn DistributedLock>; 2], key: &str, tasks: usize, done: Arc<AtomicUsize>) -> Contention {
+    let counter = Arc::new(Mutex::new(0u64));
+    let inside = Arc::new(AtomicUsize::new(0));
+    let most_inside = Arc::new(AtomicUsize::new(0));
+    let fences = Arc::new(Mutex::new(Vec::with_capacity(tasks)));
+    let barrier = Arc::new(tokio::sync::Barrier::new(tasks));
+    let handles: Vec<_> = (0..tasks)
+        .map(|i| {
+            let lock = locks[i % 2].clone();
+            let (key, counter, inside, most_inside) =
+                (key.to_owned(), counter.clone(), inside.clone(), most_inside.clone());
+            let (fences, barrier, done) = (fences.clone(), barrier.clone(), done.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let mut guard = lock.lock(&key, within(Duration::from_secs(40))).await.unwrap();
+                let now_inside = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                most_inside.fetch_max(now_inside, Ordering::SeqCst);
+                fences.lock().unwrap().push(guard.fence());
+                let read = *counter.lock().unwrap();
+                tokio::task::yield_now().await;
+                *counter.lock().unwrap() = read + 1;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                guard.release().await.unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    let count = *counter.lock().unwrap();
+    let fences = std::mem::take(&mut *fences.lock().unwrap());
+    Contention { count, most_inside: most_inside.load(Ordering::SeqCst), fences }
+}
+
+fn assert_exclusive(seen: &Contention, tasks: usize) {
+    assert_eq!(seen.count, tasks as u64, "no increment was lost");
+    assert_eq!(seen.most_inside, 1, "never two holders at once");
+    assert!(seen.fences.windows(2).all(|w| w[0] < w[1]), "fences increase in lock order: {:?}", seen.fences);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spin_lock_excludes_200_tasks_across_two_instances() {
+    if !redis_up() {
+        return;
+    }
+    let lease = Duration::from_secs(5);
+    let started = Instant::now();
+    let seen = contend([spin(lease).await, spin(lease).await], &key("spin"), 200, Arc::default()).await;
+    assert_exclusive(&seen, 200);
+    eprintln!("spin: 200 acquisitions in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pubsub_lock_excludes_200_tasks_across_two_instances() {
+    if !redis_up() {
+        return;
+    }
+    let lease = Duration::from_secs(5);
+    let started = Instant::now();
+    let seen = contend([pubsub(lease).await, pubsub(lease).await], &key("pubsub"), 200, Arc::default()).await;
+    assert_exclusive(&seen, 200);
+    eprintln!("pubsub: 200 acquisitions in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_excludes_200_tasks_across_two_instances() {
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(5);
+    let started = Instant::now();
+    let locks = [redlock(&servers, lease).await, redlock(&servers, lease).await];
+    let seen = contend(locks, &key("redlock"), 200, Arc::default()).await;
+    assert_exclusive(&seen, 200);
+    eprintln!("redlock: 200 acquisitions in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redlock_stays_exclusive_when_one_of_three_nodes_dies_mid_run() {
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(5);
+    let locks = [redlock(&servers, lease).await, redlock(&servers, lease).await];
+    let servers = Arc::new(Mutex::new(servers));
+    let done = Arc::new(AtomicUsize::new(0));
+    let killer = {
+        let (servers, done) = (servers.clone(), done.clone());
+        tokio::spawn(async move {
+            while done.load(Ordering::SeqCst) < 50 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            servers.lock().unwrap().kill(1);
+            done.load(Ordering::SeqCst)
+        })
+    };
+    let started = Instant::now();
+    let seen = contend(locks.clone(), &key("redlock-kill"), 200, done).await;
+    let killed_after = killer.await.unwrap();
+    assert!(killed_after < 200, "the node died mid-run (after {killed_after} acquisitions)");
+    assert_exclusive(&seen, 200);
+    eprintln!("redlock, node killed after {killed_after}: 200 acquisitions in {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn redlock_refuses_to_lock_with_two_of_three_nodes_down() {
+    let Some(mut servers) = Servers::start(3) else { return };
+    let lock = Redlock::connect(&servers.urls(), Duration::from_secs(2)).await.unwrap();
+    assert!(lock.probe().ping().await.is_ok());
+    servers.kill(0);
+    servers.kill(2);
+    let started = Instant::now();
+    let err = lock.lock(&key("minority"), within(Duration::from_millis(500))).await.unwrap_err();
+    assert!(matches!(err, LockError::NoQuorum { needed: 2, nodes: 3, .. } | LockError::Timeout), "{err:?}");
+    assert!(started.elapsed() < Duration::from_millis(1500), "gave up near the deadline: {:?}", started.elapsed());
+    assert!(lock.probe().ping().await.is_err(), "one of three is not ready");
+    // And connecting needs a majority up front.
+    let err = Redlock::connect(&servers.urls(), Duration::from_secs(2)).await.unwrap_err();
+    assert!(matches!(err, LockError::NoQuorum { answered: 1, needed: 2, nodes: 3 }), "{err:?}");
+}
+
+/// A holder that dies without unlocking keeps the lock for its lease, no longer.
+async fn dead_holder_blocks_for_at_most_the_lease(locks: [Arc<dyn DistributedLock>; 2], lease: Duration) {
+    let key = key("dead-holder");
+    let holder = locks[0].lock(&key, within(Duration::from_secs(1))).await.unwrap();
+    let started = Instant::now();
+    holder.abandon();
+    let mut next = locks[1].lock(&key, within(lease * 4)).await.unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= lease.mul_f64(0.8), "{}: took over a live lease after {waited:?}", locks[0].name());
+    assert!(waited < lease + Duration::from_secs(1), "{}: waited {waited:?} for a {lease:?} lease", locks[0].name());
+    next.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_holder_blocks_others_for_at_most_the_lease() {
+    if !redis_up() {
+        return;
+    }
+    let lease = Duration::from_secs(1);
+    tokio::join!(
+        async { dead_holder_blocks_for_at_most_the_lease([spin(lease).await, spin(lease).await], lease).await },
+        async { dead_holder_blocks_for_at_most_the_lease([pubsub(lease).await, pubsub(lease).await], lease).await },
+    );
+}
+
+#[tokio::test]
+async fn a_dead_redlock_holder_blocks_others_for_at_most_the_lease() {
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(1);
+    dead_holder_blocks_for_at_most_the_lease([redlock(&servers, lease).await, redlock(&servers, lease).await], lease)
+        .await;
+}
+
+#[tokio::test]
+async fn an_unlock_by_a_non_owner_is_a_no_op() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(5);
+    let (spin, pubsub) = (SpinLock::connect(URL, lease).await.unwrap(), PubSubLock::connect(URL, lease).await.unwrap());
+    let redlock = Redlock::connect(&servers.urls(), lease).await.unwrap();
+    let shared = raw(URL).await;
+
+    let k = key("foreign-spin");
+    let mut guard = spin.lock(&k, within(Duration::from_secs(1))).await.unwrap();
+    assert!(!spin.force_unlock_as(&k, "not-the-owner").await.unwrap());
+    assert_eq!(shared.get::<Option<String>, _>(&k).await.unwrap().as_deref(), Some(guard.token()));
+    guard.release().await.unwrap();
+    assert_eq!(shared.get::<Option<String>, _>(&k).await.unwrap(), None, "the owner's release deletes it");
+    guard.release().await.unwrap(); // idempotent
+
+    let k = key("foreign-pubsub");
+    let guard = pubsub.lock(&k, within(Duration::from_secs(1))).await.unwrap();
+    assert!(!pubsub.force_unlock_as(&k, "not-the-owner").await.unwrap());
+    assert_eq!(shared.get::<Option<String>, _>(&k).await.unwrap().as_deref(), Some(guard.token()));
+    drop(guard);
+
+    let k = key("foreign-redlock");
+    let guard = redlock.lock(&k, within(Duration::from_secs(1))).await.unwrap();
+    assert!(!redlock.force_unlock_as(&k, "not-the-owner").await.unwrap());
+    for url in servers.urls() {
+        let node = raw(&url).await;
+        assert_eq!(node.get::<Option<String>, _>(&k).await.unwrap().as_deref(), Some(guard.token()));
+    }
+    let err = redlock.lock(&k, within(Duration::from_millis(100))).await.unwrap_err();
+    assert!(matches!(err, LockError::Timeout), "still held: {err:?}");
+}
+
+/// The watchdog renews a held lock: after three leases it is still held and another locker times out.
+async fn watchdog_keeps_the_lock(locks: [Arc<dyn DistributedLock>; 2], raw: Client, lease: Duration) {
+    let key = key("watchdog");
+    let mut guard = locks[0].lock(&key, within(Duration::from_secs(1))).await.unwrap();
+    tokio::time::sleep(lease * 3 + lease / 5).await;
+    let err = locks[1].lock(&key, within(Duration::from_millis(150))).await.unwrap_err();
+    assert!(matches!(err, LockError::Timeout), "{}: {err:?}", locks[0].name());
+    assert_eq!(raw.get::<Option<String>, _>(&key).await.unwrap().as_deref(), Some(guard.token()));
+    let first = guard.fence();
+    guard.release().await.unwrap();
+    let next = locks[1].lock(&key, within(Duration::from_millis(500))).await.unwrap();
+    assert!(next.fence() > first, "{}: {} after {first}", locks[0].name(), next.fence());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_keeps_a_held_lock_past_its_lease() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(1) else { return };
+    let lease = Duration::from_millis(600);
+    let one_node = servers.urls();
+    tokio::join!(
+        async { watchdog_keeps_the_lock([spin(lease).await, spin(lease).await], raw(URL).await, lease).await },
+        async { watchdog_keeps_the_lock([pubsub(lease).await, pubsub(lease).await], raw(URL).await, lease).await },
+        async {
+            // A one-node Redlock, so that the raw client sees the same key.
+            let locks: [Arc<dyn DistributedLock>; 2] = [
+                Arc::new(Redlock::connect(&one_node, lease).await.unwrap()),
+                Arc::new(Redlock::connect(&one_node, lease).await.unwrap()),
+            ];
+            watchdog_keeps_the_lock(locks, raw(&one_node[0]).await, lease).await;
+        },
+    );
+}
+
+/// Successive holders, alternating between two instances, get strictly increasing fences.
+async fn fences_increase(locks: [Arc<dyn DistributedLock>; 2]) {
+    let key = key("fence");
+    let mut last = 0;
+    for i in 0..10 {
+        let mut guard = locks[i % 2].lock(&key, within(Duration::from_secs(1))).await.unwrap();
+        assert!(guard.fence() > last, "{}: fence {} after {last}", locks[0].name(), guard.fence());
+        last = guard.fence();
+        guard.release().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn fencing_tokens_strictly_increase_across_instances() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(5);
+    fences_increase([spin(lease).await, spin(lease).await]).await;
+    fences_increase([pubsub(lease).await, pubsub(lease).await]).await;
+    fences_increase([redlock(&servers, lease).await, redlock(&servers, lease).await]).await;
+}
+
+#[tokio::test]
+async fn redlock_fences_keep_increasing_when_the_majority_changes() {
+    let Some(mut servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(2);
+    let (a, b) = (redlock(&servers, lease).await, redlock(&servers, lease).await);
+    let key = key("fence-majority");
+    // Nodes 0 and 1 have seen many grants, so their counters run ahead of node 2's. Every majority of three
+    // includes one of them (a round ends as soon as any majority answers, so which one is not fixed).
+    for url in &servers.urls()[..2] {
+        let node = raw(url).await;
+        let _: () = node.set(format!("{{{key}}}:fence"), 1000, None, None, false).await.unwrap();
+    }
+    let mut guard = a.lock(&key, within(Duration::from_secs(1))).await.unwrap();
+    let before = guard.fence();
+    assert!(before > 1000, "the fence is the largest counter of the majority: {before}");
+    guard.release().await.unwrap();
+    // Without node 0 the remaining majority must already know a fence at least as large.
+    servers.kill(0);
+    let mut guard = b.lock(&key, within(Duration::from_secs(2))).await.unwrap();
+    assert!(guard.fence() > before, "fence {} after {before} with another majority", guard.fence());
+    guard.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pubsub_waiter_whose_release_message_is_lost_wakes_at_the_ttl() {
+    if !redis_up() {
+        return;
+    }
+    let lease = Duration::from_secs(1);
+    let (holder_lock, waiter_lock) =
+        (PubSubLock::connect(URL, lease).await.unwrap(), PubSubLock::connect(URL, lease).await.unwrap());
+    let key = key("lost-message");
+    let holder = holder_lock.lock(&key, within(Duration::from_secs(1))).await.unwrap();
+    // The holder dies silently: its key expires with the lease, and expiry publishes nothing.
+    holder.abandon();
+    let started = Instant::now();
+    let waiter = tokio::spawn({
+        let key = key.clone();
+        async move { waiter_lock.lock(&key, within(Duration::from_secs(10))).await }
+    });
+    let mut guard = waiter.await.unwrap().unwrap();
+    let waited = started.elapsed();
+    assert!(waited < lease + Duration::from_millis(500), "woke at the holder's TTL, not later: {waited:?}");
+    guard.release().await.unwrap();
+
+    // Same with the key deleted behind the lock's back (no release message): the waiter wakes at the TTL.
+    let holder = holder_lock.lock(&key, within(Duration::from_secs(1))).await.unwrap();
+    let waiter_lock = PubSubLock::connect(URL, lease).await.unwrap();
+    let started = Instant::now();
+    let waiter = tokio::spawn({
+        let key = key.clone();
+        async move { waiter_lock.lock(&key, within(Duration::from_secs(10))).await.map(|g| (g, started.elapsed())) }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _: i64 = raw(URL).await.del(&key).await.unwrap();
+    let (mut guard, waited) = waiter.await.unwrap().unwrap();
+    assert!(waited < lease + Duration::from_millis(500), "{waited:?}");
+    guard.release().await.unwrap();
+    holder.abandon();
+}
+
+#[tokio::test]
+async fn pubsub_waiters_share_one_subscription_and_a_release_wakes_one() {
+    if !redis_up() {
+        return;
+    }
+    let lease = Duration::from_secs(10);
+    let lock = Arc::new(PubSubLock::connect(URL, lease).await.unwrap());
+    let key = key("shared-subscription");
+    let channel = format!("{{{key}}}:released");
+    let mut holder = lock.lock(&key, within(Duration::from_secs(1))).await.unwrap();
+    let acquired = Arc::new(AtomicUsize::new(0));
+    let waiters: Vec<_> = (0..50)
+        .map(|_| {
+            let (lock, key, acquired) = (lock.clone(), key.clone(), acquired.clone());
+            tokio::spawn(async move {
+                let mut guard = lock.lock(&key, within(Duration::from_secs(20))).await.unwrap();
+                acquired.fetch_add(1, Ordering::SeqCst);
+                guard.release().await.unwrap();
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let numsub: Vec<Value> = raw(URL).await.pubsub_numsub(&channel).await.unwrap();
+    assert_eq!(numsub.get(1).and_then(Value::as_i64), Some(1), "50 waiters, one subscription: {numsub:?}");
+    let started = Instant::now();
+    holder.release().await.unwrap();
+    for waiter in waiters {
+        waiter.await.unwrap();
+    }
+    // Each release hands over to the next waiter by message, far inside the 10 s TTL.
+    assert_eq!(acquired.load(Ordering::SeqCst), 50);
+    assert!(started.elapsed() < Duration::from_secs(3), "handed over by message: {:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(lock.subscribed_channels(), 0, "the last waiter unsubscribed");
+}
+
+#[tokio::test]
+async fn a_script_flush_mid_run_is_survived() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(5);
+    let raw = raw(URL).await;
+    let nodes: Vec<Client> = futures::future::join_all(servers.urls().iter().map(|u| raw_owned(u.clone()))).await;
+    for lock in [spin(lease).await, pubsub(lease).await, redlock(&servers, lease).await] {
+        let key = key("flush");
+        let mut guard = lock.lock(&key, within(Duration::from_secs(1))).await.unwrap();
+        raw.script_flush(false).await.unwrap();
+        for node in &nodes {
+            node.script_flush(false).await.unwrap();
+        }
+        guard.release().await.unwrap();
+        let mut again = lock.lock(&key, within(Duration::from_millis(200))).await.unwrap();
+        assert!(again.fence() > guard.fence(), "{}", lock.name());
+        raw.script_flush(false).await.unwrap();
+        again.release().await.unwrap();
+    }
+}
+
+async fn raw_owned(url: String) -> Client {
+    raw(&url).await
+}
+
+fn line(id: i64) -> OrderLine {
+    OrderLine { option_id: ProductOptionId::new(id).unwrap(), quantity: Quantity::new(1).unwrap() }
+}
+
+/// Option ids of this test only (the stock keys are not prefixed).
+fn options(n: usize) -> Vec<i64> {
+    let base = rand::rng().random_range(1_000_000_000..2_000_000_000i64) * 1000;
+    (0..n as i64).map(|i| base + i).collect()
+}
+
+#[tokio::test]
+async fn the_stock_strategy_locks_every_option_and_writes_with_its_fence() {
+    if !redis_up() {
+        return;
+    }
+    let stock = RedisLockStock::new(
+        SpinLock::connect(URL, Duration::from_secs(5)).await.unwrap(),
+        Duration::from_secs(1),
+        PREFIX,
+    );
+    assert_eq!(stock.name(), "redis-spin");
+    let ids = options(2);
+    let lines = [line(ids[0]), line(ids[1])];
+    let permit = stock.acquire(&lines).await.unwrap();
+    let raw = raw(URL).await;
+    for &id in &ids {
+        let key = option_lock_key(PREFIX, ProductOptionId::new(id).unwrap());
+        assert!(raw.get::<Option<String>, _>(&key).await.unwrap().is_some(), "{key} is locked");
+    }
+    let fences: BTreeMap<i64, u64> =
+        ids.iter().map(|&id| (id, permit.fence(ProductOptionId::new(id).unwrap()).unwrap())).collect();
+    let mut tx = MockTransaction::new();
+    let expected = fences.clone();
+    tx.expect_decrement_stock_fenced()
+        .times(2)
+        .withf(move |id, _, fence, _| expected.get(&id.get()) == Some(fence))
+        .returning(|_, _, _, _| Ok(FencedWrite::Written));
+    stock.take(&mut tx, &lines, &permit, Utc::now()).await.unwrap();
+    drop(permit);
+    // The dropped permit releases in the background.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let again = stock.acquire(&lines).await.unwrap();
+    for &id in &ids {
+        let option = ProductOptionId::new(id).unwrap();
+        assert!(again.fence(option).unwrap() > fences[&id], "a newer holder has a newer fence");
+    }
+}
+
+#[tokio::test]
+async fn the_stock_strategy_times_out_as_lock_timeout_and_releases_what_it_held() {
+    if !redis_up() {
+        return;
+    }
+    let lease = Duration::from_secs(5);
+    let stock = RedisLockStock::new(pubsub(lease).await, Duration::from_millis(300), PREFIX);
+    assert_eq!(stock.name(), "redis-pubsub");
+    let other = SpinLock::connect(URL, lease).await.unwrap();
+    let ids = options(2);
+    let _held = other
+        .lock(&option_lock_key(PREFIX, ProductOptionId::new(ids[1]).unwrap()), within(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = stock.acquire(&[line(ids[0]), line(ids[1])]).await.unwrap_err();
+    assert!(matches!(err, DomainError::LockTimeout { retry_after_secs: 1 }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_millis(800), "{:?}", started.elapsed());
+    let first = option_lock_key(PREFIX, ProductOptionId::new(ids[0]).unwrap());
+    assert_eq!(raw(URL).await.get::<Option<String>, _>(&first).await.unwrap(), None, "the first option was released");
+}
+
+#[tokio::test]
+async fn the_probe_answers_while_redis_does() {
+    if !redis_up() {
+        return;
+    }
+    let probe = SpinLock::connect(URL, Duration::from_secs(5)).await.unwrap().probe();
+    assert_eq!(probe.name(), "redis");
+    probe.ping().await.unwrap();
+    let err = SpinLock::connect("redis://127.0.0.1:1", Duration::from_secs(5)).await.unwrap_err();
+    assert!(matches!(err, LockError::Redis(_)), "{err:?}");
+}
