@@ -115,3 +115,45 @@ pub async fn start(binary: &PathBuf, count: usize, env: &[(String, String)]) -> 
     }
     Ok(instances)
 }
+
+/// Throwaway redis-server processes, the independent nodes Redlock needs; killed on drop.
+pub struct RedisNodes {
+    children: Vec<Child>,
+    pub urls: Vec<String>,
+}
+
+impl Drop for RedisNodes {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl RedisNodes {
+    pub async fn start(n: usize) -> Result<Self, String> {
+        let mut nodes = Self { children: Vec::new(), urls: Vec::new() };
+        for _ in 0..n {
+            let port = free_port()?;
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("redis-server: {e}"))?;
+            nodes.children.push(child);
+            nodes.urls.push(format!("redis://127.0.0.1:{port}"));
+        }
+        for url in &nodes.urls {
+            let addr = url.trim_start_matches("redis://").to_owned();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while tokio::net::TcpStream::connect(&addr).await.is_err() {
+                if Instant::now() > deadline {
+                    return Err(format!("redis-server at {addr} did not start"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(nodes)
+    }
+}

@@ -22,7 +22,11 @@ use crate::scenario::Scenario;
 #[command(about = "Lock-strategy benchmark: the reference's experiments against release shop-server instances")]
 struct Cli {
     /// Stock strategies to measure (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "conditional,pessimistic,optimistic,local")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "conditional,pessimistic,optimistic,local,redis-spin,redis-pubsub,redis-redlock"
+    )]
     strategies: Vec<String>,
     /// Scenarios: 100x100, 1000x1000, 1000on100, 1000x1000x2 (two instances).
     #[arg(long, value_delimiter = ',', default_value = "100x100,1000x1000,1000on100,1000x1000x2")]
@@ -75,6 +79,17 @@ async fn main() -> ExitCode {
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let redlock = if cli.strategies.iter().any(|s| s == "redis-redlock") {
+        match instances::RedisNodes::start(3).await {
+            Ok(nodes) => Some(nodes),
+            Err(e) => {
+                eprintln!("shop-bench: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let mut cells = Vec::new();
     for strategy in &cli.strategies {
         for scenario in &scenarios {
@@ -86,6 +101,7 @@ async fn main() -> ExitCode {
                         binary: binary.clone(),
                         postgres: cli.postgres.clone(),
                         redis: cli.redis.clone(),
+                        redlock: redlock.as_ref().map(|n| n.urls.clone()).unwrap_or_default(),
                         strategy: strategy.clone(),
                         batch_max: *batch,
                         pool: cli.pool,

@@ -48,6 +48,8 @@ pub struct Setup {
     pub binary: PathBuf,
     pub postgres: String,
     pub redis: String,
+    /// Redlock's nodes, when the strategy is redis-redlock.
+    pub redlock: Vec<String>,
     pub strategy: String,
     pub batch_max: Option<u32>,
     pub pool: u32,
@@ -84,6 +86,10 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         ("SHOP_DATABASE_URL".to_owned(), database_url.to_owned()),
         ("SHOP_STOCK_STRATEGY".to_owned(), setup.strategy.clone()),
         ("SHOP_REDIS_URL".to_owned(), setup.redis.clone()),
+        ("SHOP_REDLOCK_URLS".to_owned(), setup.redlock.join(",")),
+        // Each run has a fresh database numbering options from 1: its locks and fences must be its own too.
+        ("SHOP_REDIS_KEY_PREFIX".to_owned(), format!("bench-{}", uuid::Uuid::new_v4().simple())),
+        ("SHOP_LOCK_WAIT_MS".to_owned(), "60000".to_owned()),
         ("SHOP_DB_MAX_CONNECTIONS".to_owned(), setup.pool.to_string()),
     ];
     if let Some(batch) = setup.batch_max {
