@@ -78,7 +78,8 @@ fn contended(c: &mut Criterion, rt: &Runtime, name: &str, lock: Arc<dyn Distribu
 fn locks(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let nodes = rt.block_on(instances::RedisNodes::start(3)).expect("redis-server nodes for Redlock");
-    let spin: Arc<dyn DistributedLock> = Arc::new(rt.block_on(SpinLock::connect("redis://127.0.0.1:6379", LEASE)).unwrap());
+    let spin: Arc<dyn DistributedLock> =
+        Arc::new(rt.block_on(SpinLock::connect("redis://127.0.0.1:6379", LEASE)).unwrap());
     let pubsub: Arc<dyn DistributedLock> =
         Arc::new(rt.block_on(PubSubLock::connect("redis://127.0.0.1:6379", LEASE)).unwrap());
     let redlock: Arc<dyn DistributedLock> = Arc::new(rt.block_on(Redlock::connect(&nodes.urls, LEASE)).unwrap());

@@ -59,9 +59,10 @@ pub fn write(out: &Path, cells: &[Cell], pay: bool) -> std::io::Result<String> {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "| strategy | batch | scenario | makespan ms | reference ms | orders/s | p50 | p95 | p99 | max | 201 | 409 | 503 | other | final stock | correct |"
+        "| strategy | batch | scenario | makespan ms | reference ms | orders/s | p50 | p95 | p99 | max | 201 | 409 | 503 | other | early 409 | retries | lock wait avg ms | final stock | correct |"
     );
-    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ =
+        writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for c in cells {
         let r = &c.median;
         let mut sorted = r.latencies.clone();
@@ -73,7 +74,7 @@ pub fn write(out: &Path, cells: &[Cell], pay: bool) -> std::io::Result<String> {
         );
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             c.strategy,
             c.batch_max.map_or_else(|| "default".to_owned(), |b| b.to_string()),
             c.scenario,
@@ -88,6 +89,13 @@ pub fn write(out: &Path, cells: &[Cell], pay: bool) -> std::io::Result<String> {
             r.out_of_stock,
             r.unavailable,
             r.other,
+            r.counters.refused_early,
+            r.counters.retries,
+            if r.counters.lock_acquisitions == 0 {
+                "—".to_owned()
+            } else {
+                format!("{:.1}", r.counters.lock_wait_micros as f64 / r.counters.lock_acquisitions as f64 / 1000.0)
+            },
             r.final_stock,
             if c.all_correct { format!("yes ({} runs)", c.runs) } else { "**NO**".to_owned() },
         );
@@ -138,6 +146,10 @@ fn json(cells: &[Cell]) -> String {
                 "unavailable": c.median.unavailable,
                 "other": c.median.other,
                 "finalStock": c.median.final_stock,
+                "retries": c.median.counters.retries,
+                "refusedEarly": c.median.counters.refused_early,
+                "lockAcquisitions": c.median.counters.lock_acquisitions,
+                "lockWaitMicros": c.median.counters.lock_wait_micros,
                 "correct": c.all_correct,
                 "referenceMs": reference_ms(&c.strategy, &c.scenario),
             })

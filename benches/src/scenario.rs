@@ -72,6 +72,41 @@ pub struct RunResult {
     pub correct: bool,
     /// The payment phase's makespan and latencies, when buyers pay.
     pub payment: Option<(Duration, Vec<Duration>, usize)>,
+    /// What the servers' `/metrics` counted during the order phase, summed over the instances.
+    pub counters: Counters,
+}
+
+/// The order-phase deltas of the servers' `/metrics` counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counters {
+    pub retries: u64,
+    pub refused_early: u64,
+    pub lock_acquisitions: u64,
+    pub lock_wait_micros: u64,
+}
+
+/// The counters of every instance, summed.
+async fn read_counters(client: &reqwest::Client, bases: &[String]) -> Counters {
+    let mut total = Counters::default();
+    for base in bases {
+        let Ok(response) = client.get(format!("{base}/metrics")).send().await else { continue };
+        let Ok(text) = response.text().await else { continue };
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) =
+                match (line.split('{').next(), line.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok())) {
+                    (Some(name), Some(value)) => (name, value),
+                    _ => continue,
+                };
+            match name {
+                "shop_order_retries_total" => total.retries += value,
+                "shop_orders_refused_early_total" => total.refused_early += value,
+                "shop_stock_lock_acquisitions_total" => total.lock_acquisitions += value,
+                "shop_stock_lock_wait_microseconds_total" => total.lock_wait_micros += value,
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 pub async fn run(setup: &Setup, scenario: &Scenario) -> Result<RunResult, String> {
@@ -139,6 +174,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         buyers.push(id);
     }
 
+    let before = read_counters(&client, &servers.bases).await;
     // Every buyer waits at the barrier on an open connection, then all send at once.
     let barrier = Arc::new(Barrier::new(buyers.len() + 1));
     let tasks: Vec<_> = buyers
@@ -172,6 +208,13 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
     let (created, out_of_stock, unavailable) = (count(201), count(409), count(503));
     let other = answers.len() - created - out_of_stock - unavailable;
     let orders: Vec<(usize, i64)> = answers.iter().enumerate().filter_map(|(i, a)| a.3.map(|id| (i, id))).collect();
+    let after = read_counters(&client, &servers.bases).await;
+    let counters = Counters {
+        retries: after.retries - before.retries,
+        refused_early: after.refused_early - before.refused_early,
+        lock_acquisitions: after.lock_acquisitions - before.lock_acquisitions,
+        lock_wait_micros: after.lock_wait_micros - before.lock_wait_micros,
+    };
 
     let payment = if setup.pay { Some(pay_all(&client, &servers.bases, &buyers, &orders).await) } else { None };
 
@@ -204,6 +247,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         final_stock,
         correct,
         payment,
+        counters,
     })
 }
 

@@ -105,7 +105,8 @@ fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(orders::list_orders)
         .service(orders::pay_order)
         .service(health::live)
-        .service(health::ready);
+        .service(health::ready)
+        .service(health::metrics);
 }
 
 /// The OpenAPI document: `openapi/openapi.json` is this, pretty-printed.

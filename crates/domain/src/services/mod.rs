@@ -9,5 +9,5 @@ pub mod users;
 pub use cart::CartService;
 pub use catalog::CatalogService;
 pub use idempotency::{Claimed, IdempotencyService};
-pub use orders::OrderService;
+pub use orders::{OrderService, OrderStats};
 pub use users::UserService;

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -17,8 +18,28 @@ use crate::ports::{Clock, DomainEvent, EventPublisher, OrderRepository, Transact
 use crate::sales::DailySales;
 use crate::stock::{StockPermit, StockStrategy};
 
+/// How orders met their stock strategy since start-up: what `/metrics` shows and the benchmark reads.
+#[derive(Debug, Default)]
+pub struct OrderStats {
+    /// Orders committed.
+    pub placed: AtomicU64,
+    /// Orders refused by the stock read before (or just after winning) the lock, without a transaction.
+    pub refused_early: AtomicU64,
+    /// Order transactions retried after an optimistic conflict.
+    pub retries: AtomicU64,
+    /// Lock acquisitions (strategies that lock before the transaction).
+    pub lock_acquisitions: AtomicU64,
+    /// Time spent waiting for those locks, in microseconds.
+    pub lock_wait_micros: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
 #[derive(Clone)]
 pub struct OrderService {
+    stats: Arc<OrderStats>,
     uow: Arc<dyn UnitOfWork>,
     orders: Arc<dyn OrderRepository>,
     users: Arc<dyn UserRepository>,
@@ -42,7 +63,13 @@ impl OrderService {
         clock: Arc<dyn Clock>,
         events: Arc<dyn EventPublisher>,
     ) -> Self {
-        Self { uow, orders, users, stock, clock, events }
+        Self { stats: Arc::new(OrderStats::default()), uow, orders, users, stock, clock, events }
+    }
+
+    /// Counters of how orders met the stock strategy.
+    #[must_use]
+    pub fn stats(&self) -> &OrderStats {
+        &self.stats
     }
 
     /// The configured stock strategy's name.
@@ -66,8 +93,11 @@ impl OrderService {
         recorder: Option<&Recorder<'_, Order>>,
     ) -> Result<Order, DomainError> {
         self.refuse_if_short(&request).await?;
+        let waited = std::time::Instant::now();
         let permit = self.stock.acquire(request.lines()).await?;
         if permit.is_held() {
+            bump(&self.stats.lock_acquisitions, 1);
+            bump(&self.stats.lock_wait_micros, u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX));
             // Buyers who queued on the lock while the last units went learn it from one read under the lock
             // (exact now: stock only falls by a lock holder), not from a whole transaction.
             self.refuse_if_short(&request).await?;
@@ -77,6 +107,7 @@ impl OrderService {
         let order = loop {
             match self.try_create(&request, &permit, recorder).await {
                 Err(DomainError::WriteConflict) if attempt < retry.max_retries => {
+                    bump(&self.stats.retries, 1);
                     tokio::time::sleep(retry.delay(attempt)).await;
                     attempt += 1;
                 }
@@ -89,6 +120,7 @@ impl OrderService {
         };
         // The permit (a lock) is released only now, after the commit.
         drop(permit);
+        bump(&self.stats.placed, 1);
         self.events.publish(DomainEvent::OrderCreated {
             order_id: order.id,
             user_id: order.user_id,
@@ -110,6 +142,7 @@ impl OrderService {
                 .find(|row| row.option_id == line.option_id)
                 .is_some_and(|row| row.stock.checked_take(line.quantity).is_none());
             if short {
+                bump(&self.stats.refused_early, 1);
                 return Err(DomainError::OutOfStock { option_id: line.option_id });
             }
         }
@@ -529,6 +562,17 @@ mod tests {
         let (events, _) = events(1);
         let order = service(txs, optimistic(5), events).create(request(&[(1, 1)]), None).await.unwrap();
         assert_eq!(order.id, order_id());
+    }
+
+    #[tokio::test]
+    async fn retries_and_placements_are_counted() {
+        let txs = vec![optimistic_tx(false), optimistic_tx(true)];
+        let (events, _) = events(1);
+        let svc = service(txs, optimistic(5), events);
+        svc.create(request(&[(1, 1)]), None).await.unwrap();
+        assert_eq!(svc.stats().retries.load(Ordering::Relaxed), 1);
+        assert_eq!(svc.stats().placed.load(Ordering::Relaxed), 1);
+        assert_eq!(svc.stats().lock_acquisitions.load(Ordering::Relaxed), 0, "optimistic takes no lock");
     }
 
     #[tokio::test]

@@ -18,6 +18,22 @@ async fn health_endpoints_answer() {
 }
 
 #[tokio::test]
+async fn metrics_count_placed_and_early_refused_orders() {
+    let app = app().await;
+    let user = app.user("kim").await;
+    let option = app.product("x", &[("S", 1, 1)]).await["options"][0]["id"].as_i64().unwrap();
+    let order = json!({"userId": user, "items": [{"productOptionId": option, "quantity": 1}]});
+    assert_eq!(app.post("/api/v1/orders", order.clone()).await.status, 201);
+    assert_eq!(app.post("/api/v1/orders", order).await.status, 409);
+    let metrics = app.get("/metrics").await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.body.as_str().unwrap();
+    assert!(text.contains("shop_orders_placed_total{strategy=\"conditional\"} 1"), "{text}");
+    assert!(text.contains("shop_orders_refused_early_total{strategy=\"conditional\"} 1"), "{text}");
+    assert!(text.contains("# TYPE shop_order_retries_total counter"), "{text}");
+}
+
+#[tokio::test]
 async fn ready_is_503_when_the_database_is_gone() {
     let app = app().await;
     app.db.close_by_ref().await.unwrap();
@@ -77,6 +93,7 @@ async fn served_openapi_document_is_the_checked_in_one() {
         "/api/v1/users/{userId}/orders",
         "/health/live",
         "/health/ready",
+        "/metrics",
     ] {
         assert!(served.body["paths"][route].is_object(), "{route} is documented");
     }
