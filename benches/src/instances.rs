@@ -11,7 +11,10 @@ pub const ADMIN_TOKEN: &str = "bench-admin-token";
 
 /// Builds `shop-server` in release mode and returns its path.
 pub fn build_release() -> Result<PathBuf, String> {
-    let status = Command::new(env!("CARGO"))
+    // The cargo that runs us (`cargo run` sets CARGO), else rustup's proxy: a toolchain's cargo called directly
+    // bypasses rustup, which then resolves a toolchain of its own for the rustc it spawns.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
         // Both packages in one build: built alone, shop-server unifies features differently and every switch
         // between the two rebuilds sqlx and rustls.
         .args(["build", "--release", "-p", "shop-server", "-p", "shop-bench"])
