@@ -175,6 +175,11 @@ fn domain_entry(error: &DomainError) -> Entry {
     }
 }
 
+/// The URI naming a kind of problem: `OUT_OF_STOCK` -> `https://shop.example.com/problems/out-of-stock`.
+fn problem_type(code: &str) -> String {
+    format!("https://shop.example.com/problems/{}", code.to_lowercase().replace('_', "-"))
+}
+
 /// The problem document of a domain error, as a client sees it (and as an idempotent replay stores it).
 #[must_use]
 pub fn domain_problem(error: &DomainError) -> Problem {
@@ -192,7 +197,7 @@ pub fn domain_problem(error: &DomainError) -> Problem {
         _ => None,
     };
     Problem {
-        kind: format!("https://shop.example.com/problems/{}", code.to_lowercase().replace('_', "-")),
+        kind: problem_type(code),
         title: title.to_owned(),
         status: status.as_u16(),
         detail,
@@ -226,7 +231,7 @@ impl ApiError {
         }
         let Entry { status, code, title } = self.entry();
         Problem {
-            kind: format!("https://shop.example.com/problems/{}", code.to_lowercase().replace('_', "-")),
+            kind: problem_type(code),
             title: title.to_owned(),
             status: status.as_u16(),
             detail: self.to_string(),

@@ -1,17 +1,15 @@
 //! The domain's [`StockStrategy`] on a [`DistributedLock`]: one Redis lock per ordered option, held from before
 //! the order's transaction until after it, with each lock's fencing token carried into the stock write.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use shop_domain::DomainError;
-use shop_domain::ids::ProductOptionId;
 use shop_domain::order::OrderLine;
 use shop_domain::ports::Transaction;
-use shop_domain::stock::{StockPermit, StockStrategy, take_fenced};
+use shop_domain::stock::{OptionLocks, StockPermit, StockStrategy, take_fenced};
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
@@ -35,7 +33,7 @@ pub struct RedisLockStock<L: DistributedLock> {
     /// One FIFO queue per option in this process: of all the requests of one instance that want an option, only
     /// the head contends in Redis; the rest wait here without polling, and are handed the turn in order. Mutual
     /// exclusion across instances is still the Redis lock's alone.
-    local: std::sync::Mutex<HashMap<ProductOptionId, Arc<tokio::sync::Mutex<()>>>>,
+    local: OptionLocks,
 }
 
 /// What an order holds: its Redis locks, and this instance's queue turns for the same options.
@@ -63,13 +61,7 @@ impl<L: DistributedLock> RedisLockStock<L> {
     /// live under `prefix`.
     pub fn new(lock: L, wait: Duration, prefix: impl Into<String>) -> Self {
         let name = lock.name();
-        Self { lock, wait, name, prefix: prefix.into(), local: std::sync::Mutex::new(HashMap::new()) }
-    }
-
-    fn queue_of(&self, option: ProductOptionId) -> Arc<tokio::sync::Mutex<()>> {
-        // Held only to look up or insert, never across an await.
-        let mut queues = self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        queues.entry(option).or_default().clone()
+        Self { lock, wait, name, prefix: prefix.into(), local: OptionLocks::default() }
     }
 }
 
@@ -94,15 +86,13 @@ impl<L: DistributedLock> StockStrategy for RedisLockStock<L> {
     async fn acquire(&self, lines: &[OrderLine]) -> Result<StockPermit, DomainError> {
         // One deadline for all the locks, so that an order with many lines waits no longer than one with one.
         let deadline = Instant::now() + self.wait;
-        let mut held = HeldLocks { redis: Vec::with_capacity(lines.len()), local: Vec::with_capacity(lines.len()) };
+        // This instance's turns first, then the Redis locks, each in ascending option order (the lines are
+        // sorted): every order takes them in that one order, so no two ever hold each other's next lock.
+        let local =
+            self.local.lock_all(lines, deadline).await.ok_or(DomainError::LockTimeout { retry_after_secs: 1 })?;
+        let mut held = HeldLocks { redis: Vec::with_capacity(lines.len()), local };
         let mut fences = BTreeMap::new();
-        // Ascending option order (the lines are sorted): two orders never each hold the other's next lock.
         for line in lines {
-            let turn = tokio::time::timeout_at(deadline, self.queue_of(line.option_id).lock_owned()).await;
-            let Ok(turn) = turn else {
-                return Err(DomainError::LockTimeout { retry_after_secs: 1 });
-            };
-            held.local.push(turn);
             match self.lock.lock(&option_lock_key(&self.prefix, line.option_id), deadline).await {
                 Ok(guard) => {
                     fences.insert(line.option_id, guard.fence());

@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
 
 use super::{ConditionalStock, StockPermit, StockStrategy};
 use crate::error::DomainError;
@@ -16,9 +17,34 @@ use crate::ids::ProductOptionId;
 use crate::order::OrderLine;
 use crate::ports::Transaction;
 
+/// One async FIFO mutex per option in this process, made on first use: the `local` strategy's locks, and the
+/// queue in front of each distributed lock.
+#[derive(Debug, Default)]
+pub struct OptionLocks {
+    locks: Mutex<HashMap<ProductOptionId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl OptionLocks {
+    fn lock_of(&self, id: ProductOptionId) -> Arc<tokio::sync::Mutex<()>> {
+        // The map lock is held only to look up or insert, never across an await.
+        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        locks.entry(id).or_default().clone()
+    }
+
+    /// Takes the lock of every line's option, in the lines' (ascending) order so that two orders never hold each
+    /// other's next lock; `None` when they could not all be had by `deadline` (those taken are released).
+    pub async fn lock_all(&self, lines: &[OrderLine], deadline: Instant) -> Option<Vec<OwnedMutexGuard<()>>> {
+        let mut guards = Vec::with_capacity(lines.len());
+        for line in lines {
+            guards.push(tokio::time::timeout_at(deadline, self.lock_of(line.option_id).lock_owned()).await.ok()?);
+        }
+        Some(guards)
+    }
+}
+
 #[derive(Debug)]
 pub struct LocalLockStock {
-    locks: Mutex<HashMap<ProductOptionId, Arc<tokio::sync::Mutex<()>>>>,
+    locks: OptionLocks,
     wait: Duration,
 }
 
@@ -26,13 +52,7 @@ impl LocalLockStock {
     /// `wait` bounds how long an order waits for its locks before answering `LOCK_TIMEOUT`.
     #[must_use]
     pub fn new(wait: Duration) -> Self {
-        Self { locks: Mutex::new(HashMap::new()), wait }
-    }
-
-    fn lock_of(&self, id: ProductOptionId) -> Arc<tokio::sync::Mutex<()>> {
-        // The map lock is held only to look up or insert, never across an await.
-        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-        locks.entry(id).or_default().clone()
+        Self { locks: OptionLocks::default(), wait }
     }
 }
 
@@ -43,17 +63,12 @@ impl StockStrategy for LocalLockStock {
     }
 
     async fn acquire(&self, lines: &[OrderLine]) -> Result<StockPermit, DomainError> {
-        let mut guards: Vec<OwnedMutexGuard<()>> = Vec::with_capacity(lines.len());
-        let acquire_all = async {
-            // Ascending order (the lines are sorted) so that two orders never hold each other's next lock.
-            for line in lines {
-                guards.push(self.lock_of(line.option_id).lock_owned().await);
-            }
-        };
         let retry_after_secs = u32::try_from(self.wait.as_secs().max(1)).unwrap_or(u32::MAX);
-        tokio::time::timeout(self.wait, acquire_all)
+        let guards = self
+            .locks
+            .lock_all(lines, Instant::now() + self.wait)
             .await
-            .map_err(|_| DomainError::LockTimeout { retry_after_secs })?;
+            .ok_or(DomainError::LockTimeout { retry_after_secs })?;
         Ok(StockPermit::holding(guards))
     }
 

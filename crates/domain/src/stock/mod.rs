@@ -29,7 +29,7 @@ use crate::order::OrderLine;
 use crate::ports::{FencedWrite, StockRow, Transaction};
 
 pub use conditional::ConditionalStock;
-pub use local::LocalLockStock;
+pub use local::{LocalLockStock, OptionLocks};
 pub use optimistic::OptimisticStock;
 pub use pessimistic::PessimisticStock;
 

@@ -1,6 +1,9 @@
 //! Spawns the real application on a random port over a fresh database, and talks to it over real HTTP.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Barrier;
 
 use actix_web::dev::ServerHandle;
 use reqwest::header::HeaderMap;
@@ -275,6 +278,31 @@ impl Resp {
         let p = self.problem(400, "VALIDATION_FAILED");
         assert_eq!(p["field"], field, "{self:?}");
     }
+}
+
+/// Releases every buyer at once (a barrier), buyer `i` ordering `items(i)` from instance `i % apps.len()`;
+/// every answer, and how long the last one took.
+pub async fn race(apps: &[Arc<TestApp>], buyers: &[i64], items: impl Fn(usize) -> Value) -> (Vec<Resp>, Duration) {
+    let barrier = Arc::new(Barrier::new(buyers.len() + 1));
+    let tasks: Vec<_> = buyers
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let (app, barrier) = (apps[i % apps.len()].clone(), barrier.clone());
+            let body = serde_json::json!({"userId": user, "items": items(i)});
+            tokio::spawn(async move {
+                barrier.wait().await;
+                app.post("/api/v1/orders", body).await
+            })
+        })
+        .collect();
+    barrier.wait().await;
+    let started = Instant::now();
+    let mut answers = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        answers.push(task.await.expect("a buyer task"));
+    }
+    (answers, started.elapsed())
 }
 
 /// Runs each listed `async fn(TestApp)` with every stock strategy on every store that can serve it:

@@ -2,7 +2,7 @@
 //! invariants for every stock strategy on every store that serves it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
@@ -41,28 +41,11 @@ async fn hot_option(app: &TestApp, stock: i64) -> i64 {
     app.product("limited drop", &[("one size", 1000, stock)]).await["options"][0]["id"].as_i64().unwrap()
 }
 
-/// Releases every buyer at once (a barrier), each ordering `items(i)`; every answer, and how long the last took.
+/// Releases every buyer at once on this one instance; every answer, and how long the last took.
 async fn race(app: TestApp, buyers: &[i64], items: impl Fn(usize) -> Value) -> (Arc<TestApp>, Vec<Resp>, Duration) {
     let app = Arc::new(app);
-    let barrier = Arc::new(Barrier::new(buyers.len() + 1));
-    let tasks: Vec<_> = buyers
-        .iter()
-        .enumerate()
-        .map(|(i, user)| {
-            let (app, barrier, body) = (app.clone(), barrier.clone(), json!({"userId": user, "items": items(i)}));
-            tokio::spawn(async move {
-                barrier.wait().await;
-                app.post("/api/v1/orders", body).await
-            })
-        })
-        .collect();
-    barrier.wait().await;
-    let started = Instant::now();
-    let mut answers = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        answers.push(task.await.unwrap());
-    }
-    (app, answers, started.elapsed())
+    let (answers, took) = crate::helpers::race(std::slice::from_ref(&app), buyers, items).await;
+    (app, answers, took)
 }
 
 fn count(answers: &[Resp], status: u16) -> usize {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use serde_json::{Value, json};
+use serde_json::json;
 use shop_domain::DomainError;
 use shop_domain::ids::ProductOptionId;
 use shop_domain::money::Quantity;
@@ -19,9 +19,8 @@ use shop_domain::stock::{StockPermit, StockStrategy};
 use shop_persistence::SeaUnitOfWork;
 use shop_redis::{DistributedLock, RedisLockStock, SpinLock, option_lock_key};
 use shop_server::StockStrategyName;
-use tokio::sync::Barrier;
 
-use crate::helpers::{Resp, Store, TestApp};
+use crate::helpers::{Resp, Store, TestApp, race};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -95,30 +94,6 @@ async fn cluster(strategy: StockStrategyName, nodes: Option<&RedisNodes>) -> Opt
         s.lock_wait_ms = 30_000;
     })
     .await
-}
-
-/// Every buyer released at once, alternating between the instances.
-async fn race(apps: &[Arc<TestApp>], buyers: &[i64], items: impl Fn(usize) -> Value) -> (Vec<Resp>, Duration) {
-    let barrier = Arc::new(Barrier::new(buyers.len() + 1));
-    let tasks: Vec<_> = buyers
-        .iter()
-        .enumerate()
-        .map(|(i, user)| {
-            let (app, barrier, body) =
-                (apps[i % apps.len()].clone(), barrier.clone(), json!({"userId": user, "items": items(i)}));
-            tokio::spawn(async move {
-                barrier.wait().await;
-                app.post("/api/v1/orders", body).await
-            })
-        })
-        .collect();
-    barrier.wait().await;
-    let started = Instant::now();
-    let mut answers = Vec::new();
-    for t in tasks {
-        answers.push(t.await.unwrap());
-    }
-    (answers, started.elapsed())
 }
 
 async fn stock(app: &TestApp, option: i64) -> i64 {
