@@ -100,26 +100,16 @@ impl OrderService {
             bump(&self.stats.lock_wait_micros, u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX));
             // Buyers who queued on the lock while the last units went learn it from one read under the lock
             // (exact now: stock only falls by a lock holder), not from a whole transaction.
-            self.refuse_if_short(&request).await?;
-        }
-        let retry = self.stock.retry_policy();
-        let mut attempt = 0;
-        let order = loop {
-            match self.try_create(&request, &permit, recorder).await {
-                Err(DomainError::WriteConflict) if attempt < retry.max_retries => {
-                    bump(&self.stats.retries, 1);
-                    tokio::time::sleep(retry.delay(attempt)).await;
-                    attempt += 1;
-                }
-                Err(DomainError::WriteConflict) => {
-                    tracing::warn!(attempts = attempt + 1, "optimistic stock write kept losing; giving up");
-                    return Err(DomainError::LockTimeout { retry_after_secs: 1 });
-                }
-                other => break other?,
+            if let Err(short) = self.refuse_if_short(&request).await {
+                self.stock.settle(permit, &[]).await;
+                return Err(short);
             }
-        };
-        // The permit (a lock) is released only now, after the commit.
-        drop(permit);
+        }
+        let outcome = self.create_retrying(&request, &permit, recorder).await;
+        // The permit (a lock, a reservation) is settled only now, after the commit or the rollback.
+        let taken = if outcome.is_ok() { request.lines() } else { &[] };
+        self.stock.settle(permit, taken).await;
+        let order = outcome?;
         bump(&self.stats.placed, 1);
         self.events.publish(DomainEvent::OrderCreated {
             order_id: order.id,
@@ -148,6 +138,31 @@ impl OrderService {
         }
         // An option missing here is reported by the transaction, with the rest of its validation.
         Ok(())
+    }
+
+    /// The order's transaction, retried per the strategy's policy while an optimistic write loses its race.
+    async fn create_retrying(
+        &self,
+        request: &OrderRequest,
+        permit: &StockPermit,
+        recorder: Option<&Recorder<'_, Order>>,
+    ) -> Result<Order, DomainError> {
+        let retry = self.stock.retry_policy();
+        let mut attempt = 0;
+        loop {
+            match self.try_create(request, permit, recorder).await {
+                Err(DomainError::WriteConflict) if attempt < retry.max_retries => {
+                    bump(&self.stats.retries, 1);
+                    tokio::time::sleep(retry.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(DomainError::WriteConflict) => {
+                    tracing::warn!(attempts = attempt + 1, "optimistic stock write kept losing; giving up");
+                    return Err(DomainError::LockTimeout { retry_after_secs: 1 });
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn try_create(

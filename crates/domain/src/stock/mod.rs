@@ -25,6 +25,7 @@ use rand::Rng;
 
 use crate::error::DomainError;
 use crate::ids::ProductOptionId;
+use crate::money::Quantity;
 use crate::order::OrderLine;
 use crate::ports::{FencedWrite, StockRow, Transaction};
 
@@ -172,6 +173,49 @@ pub trait StockStrategy: Send + Sync {
     fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy::NONE
     }
+
+    /// Runs before a *batch* of orders (in arrival order) begins its one transaction: the protection for the
+    /// union of their options, and per order whether it may go on. A strategy that decides outside the database
+    /// (a Redis reservation) refuses here, with [`DomainError::OutOfStock`], the orders that do not fit; the
+    /// default takes [`StockStrategy::acquire`] for the union and admits every order.
+    ///
+    /// # Errors
+    /// As [`StockStrategy::acquire`]; an error fails the whole batch.
+    async fn acquire_batch(&self, orders: &[&[OrderLine]]) -> Result<Admission, DomainError> {
+        let union = union_of(orders);
+        let permit = self.acquire(&union).await?;
+        Ok(Admission { permit, verdicts: orders.iter().map(|_| Ok(())).collect() })
+    }
+
+    /// Runs once the transaction that used `permit` has ended: `taken` is what it committed (empty when it
+    /// rolled back). The default drops the permit, releasing its locks; a strategy that reserved stock outside
+    /// the database gives back whatever it reserved and the transaction did not take.
+    async fn settle(&self, permit: StockPermit, taken: &[OrderLine]) {
+        let _ = taken;
+        drop(permit);
+    }
+}
+
+/// What a batch may do after [`StockStrategy::acquire_batch`]: the permit held over its transaction, and per
+/// order (same positions) `Ok` to go on or the reason it is refused.
+#[derive(Debug)]
+pub struct Admission {
+    pub permit: StockPermit,
+    pub verdicts: Vec<Result<(), DomainError>>,
+}
+
+/// Every option of these orders once, ascending, with the units all of them ask for (saturating at the line
+/// limit: strategies that lock use only the ids).
+#[must_use]
+pub fn union_of(orders: &[&[OrderLine]]) -> Vec<OrderLine> {
+    let mut units: BTreeMap<ProductOptionId, i64> = BTreeMap::new();
+    for line in orders.iter().flat_map(|lines| lines.iter()) {
+        *units.entry(line.option_id).or_default() += line.quantity.get();
+    }
+    units
+        .into_iter()
+        .filter_map(|(option_id, n)| Some(OrderLine { option_id, quantity: Quantity::new(n.min(Quantity::MAX)).ok()? }))
+        .collect()
 }
 
 #[cfg(test)]
