@@ -79,4 +79,34 @@ impl DomainError {
     pub fn unexpected(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self::Unexpected(cause.into())
     }
+
+    /// The same outcome again, for a failure that several requests share (a batch's lock timeout): every
+    /// variant is copied, an [`DomainError::Unexpected`] cause as its message.
+    #[must_use]
+    pub fn replicate(&self) -> Self {
+        match self {
+            Self::Invalid(e) => Self::Invalid(e.clone()),
+            Self::UserNotFound(id) => Self::UserNotFound(*id),
+            Self::ProductNotFound(id) => Self::ProductNotFound(*id),
+            Self::ProductOptionNotFound(id) => Self::ProductOptionNotFound(*id),
+            Self::CartItemNotFound(id) => Self::CartItemNotFound(*id),
+            Self::OrderNotFound(id) => Self::OrderNotFound(*id),
+            Self::BalanceLimitExceeded { limit } => Self::BalanceLimitExceeded { limit: *limit },
+            Self::CartQuantityLimitExceeded { max } => Self::CartQuantityLimitExceeded { max: *max },
+            Self::InsufficientBalance { balance, required } => {
+                Self::InsufficientBalance { balance: *balance, required: *required }
+            }
+            Self::OutOfStock { option_id } => Self::OutOfStock { option_id: *option_id },
+            Self::ProductNotOnSale { product_id } => Self::ProductNotOnSale { product_id: *product_id },
+            Self::OrderNotPayable { order_id, status } => {
+                Self::OrderNotPayable { order_id: *order_id, status: *status }
+            }
+            Self::LockTimeout { retry_after_secs } => Self::LockTimeout { retry_after_secs: *retry_after_secs },
+            Self::StaleLock { option_id } => Self::StaleLock { option_id: *option_id },
+            Self::WriteConflict => Self::WriteConflict,
+            Self::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            Self::IdempotencyKeyInUse => Self::IdempotencyKeyInUse,
+            Self::Unexpected(cause) => Self::Unexpected(cause.to_string().into()),
+        }
+    }
 }

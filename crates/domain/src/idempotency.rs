@@ -5,6 +5,7 @@
 //! can neither apply twice nor lose the record.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::error::{DomainError, InvalidValue};
 use crate::ids::UserId;
@@ -76,23 +77,30 @@ pub enum ClaimOutcome {
 }
 
 /// Turns a use case's outcome into the response the client gets.
-pub type Render<'a, T> = &'a (dyn Fn(&Result<T, DomainError>) -> StoredResponse + Send + Sync);
+pub type Render<T> = Arc<dyn Fn(&Result<T, DomainError>) -> StoredResponse + Send + Sync>;
 
 /// Handed to a use case so that it records its response inside its own transaction, just before the commit.
-pub struct Recorder<'a, T> {
-    claim: &'a IdempotencyClaim,
-    render: Render<'a, T>,
+/// It owns what it needs, so that a use case may hand it on to the task that commits a batch.
+pub struct Recorder<T> {
+    claim: IdempotencyClaim,
+    render: Render<T>,
 }
 
-impl<T> fmt::Debug for Recorder<'_, T> {
+impl<T> Clone for Recorder<T> {
+    fn clone(&self) -> Self {
+        Self { claim: self.claim.clone(), render: Arc::clone(&self.render) }
+    }
+}
+
+impl<T> fmt::Debug for Recorder<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Recorder").field("claim", &self.claim).finish_non_exhaustive()
     }
 }
 
-impl<'a, T> Recorder<'a, T> {
+impl<T> Recorder<T> {
     #[must_use]
-    pub const fn new(claim: &'a IdempotencyClaim, render: Render<'a, T>) -> Self {
+    pub fn new(claim: IdempotencyClaim, render: Render<T>) -> Self {
         Self { claim, render }
     }
 
@@ -108,7 +116,7 @@ impl<'a, T> Recorder<'a, T> {
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), DomainError> {
         let response = (self.render)(outcome);
-        if response.is_storable() && !tx.record_response(self.claim, &response, now).await? {
+        if response.is_storable() && !tx.record_response(&self.claim, &response, now).await? {
             return Err(DomainError::IdempotencyKeyInUse);
         }
         Ok(())

@@ -164,6 +164,17 @@ pub trait Transaction: Send {
     /// Inserts the order, its items and a PENDING payment of its total; returns the order as stored.
     async fn insert_order(&mut self, order: &NewOrder) -> Result<Order, DomainError>;
 
+    /// Inserts the orders of a batch, their items and a PENDING payment each, with one multi-row statement per
+    /// table; returns them as stored, in the order given.
+    async fn insert_orders(&mut self, orders: &[NewOrder]) -> Result<Vec<Order>, DomainError>;
+
+    /// Takes each user's options out of that user's cart (soft delete), in one statement.
+    async fn remove_from_carts(
+        &mut self,
+        carts: &[(UserId, Vec<ProductOptionId>)],
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError>;
+
     /// Takes these options out of the user's cart (soft delete).
     async fn remove_from_cart(
         &mut self,
@@ -174,6 +185,26 @@ pub trait Transaction: Send {
 
     /// An order with its items and payment, whatever its status.
     async fn find_order(&mut self, id: OrderId) -> Result<Option<Order>, DomainError>;
+
+    /// These orders with their items and payments, whatever their status (missing ids are left out).
+    async fn find_orders(&mut self, ids: &[OrderId]) -> Result<Vec<Order>, DomainError>;
+
+    /// [`Transaction::transition_order`] for many orders in one statement: the ids that were in `from` and moved.
+    async fn transition_orders(
+        &mut self,
+        ids: &[OrderId],
+        from: OrderStatus,
+        to: OrderStatus,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OrderId>, DomainError>;
+
+    /// Sets these payments' outcome in one statement.
+    async fn settle_payments(
+        &mut self,
+        ids: &[PaymentId],
+        status: PaymentStatus,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError>;
 
     /// Moves the order from `from` to `to` only if it is still in `from`: the guard that makes one payment or
     /// one expiry win when several race. `false` when it was not in `from`.
@@ -235,6 +266,17 @@ pub trait Transaction: Send {
         id: ProductOptionId,
         quantity: Quantity,
         fence: u64,
+        now: DateTime<Utc>,
+    ) -> Result<FencedWrite, DomainError>;
+
+    /// `UPDATE ... SET stock = stock - units WHERE id = ? AND stock >= units`, for a batch's total of an option
+    /// (which may pass one line's limit); with `fence`, also the fencing check of
+    /// [`Transaction::decrement_stock_fenced`].
+    async fn decrement_stock_by(
+        &mut self,
+        id: ProductOptionId,
+        units: i64,
+        fence: Option<u64>,
         now: DateTime<Utc>,
     ) -> Result<FencedWrite, DomainError>;
 
@@ -335,6 +377,10 @@ pub trait OrderRepository: Send + Sync {
 
     /// The user's orders, newest first.
     async fn list_by_user(&self, user_id: UserId, page: PageRequest) -> Result<Page<Order>, DomainError>;
+
+    /// The live options among `ids` with their products, read without a transaction: what an order is validated
+    /// and priced against before it joins a batch.
+    async fn orderable_options(&self, ids: &[ProductOptionId]) -> Result<Vec<OrderableOption>, DomainError>;
 
     /// The current stock of these options, read in one statement without any lock.
     async fn stock_levels(&self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError>;

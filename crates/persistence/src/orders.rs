@@ -9,13 +9,14 @@ use sea_orm::{
 use shop_domain::DomainError;
 use shop_domain::ids::{OrderId, PaymentId, ProductId, ProductOptionId, UserId};
 use shop_domain::money::{Money, Quantity, Stock};
-use shop_domain::order::{Order, OrderItem};
+use shop_domain::order::{Order, OrderItem, OrderableOption};
 use shop_domain::page::{Page, PageRequest};
 use shop_domain::payment::Payment;
 use shop_domain::ports::{OrderRepository, StockRow};
 
-use crate::entity::{order, order_item, payment, product_option};
+use crate::entity::{order, order_item, payment, product, product_option};
 use crate::error::db;
+use crate::products::to_option;
 
 #[derive(Debug, Clone)]
 pub struct SeaOrderRepository {
@@ -96,6 +97,31 @@ pub(crate) async fn load_orders<C: ConnectionTrait>(
         .collect()
 }
 
+/// The live options among `ids` with their live products: what an order is validated and priced against.
+pub(crate) async fn orderable_options<C: ConnectionTrait>(
+    conn: &C,
+    ids: &[ProductOptionId],
+) -> Result<Vec<OrderableOption>, DomainError> {
+    let rows = product_option::Entity::find()
+        .filter(product_option::Column::Id.is_in(ids.iter().map(|id| id.get())))
+        .filter(product_option::Column::DeletedAt.is_null())
+        .find_also_related(product::Entity)
+        .filter(product::Column::DeletedAt.is_null())
+        .all(conn)
+        .await
+        .map_err(db)?;
+    rows.into_iter()
+        .filter_map(|(option, product)| product.map(|p| (option, p)))
+        .map(|(option, product)| {
+            Ok(OrderableOption {
+                option: to_option(option)?,
+                product_name: product.name,
+                product_status: product.status.parse()?,
+            })
+        })
+        .collect()
+}
+
 pub(crate) async fn find_order<C: ConnectionTrait>(conn: &C, id: OrderId) -> Result<Option<Order>, DomainError> {
     let Some(row) =
         order::Entity::find_by_id(id.get()).filter(order::Column::DeletedAt.is_null()).one(conn).await.map_err(db)?
@@ -125,6 +151,10 @@ impl OrderRepository for SeaOrderRepository {
             .await
             .map_err(db)?;
         Ok(Page { items: load_orders(&self.db, rows).await?, page: page.page(), size: page.size(), total })
+    }
+
+    async fn orderable_options(&self, ids: &[ProductOptionId]) -> Result<Vec<OrderableOption>, DomainError> {
+        orderable_options(&self.db, ids).await
     }
 
     async fn stock_levels(&self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError> {

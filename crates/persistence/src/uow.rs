@@ -2,11 +2,11 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::sea_query::{Condition, Expr, ExprTrait, OnConflict};
 use sea_orm::sea_query::{LockBehavior, LockType};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, SqliteTransactionMode, TransactionOptions,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, SqliteTransactionMode, Statement, TransactionOptions,
     TransactionTrait,
 };
 use shop_domain::DomainError;
@@ -14,8 +14,8 @@ use shop_domain::cart::CartItem;
 use shop_domain::idempotency::{IdempotencyClaim, StoredResponse};
 use shop_domain::ids::{OrderId, PaymentId, ProductOptionId, UserId};
 use shop_domain::money::{Money, Quantity, Stock};
-use shop_domain::order::{NewOrder, Order, OrderLine, OrderStatus, OrderableOption};
-use shop_domain::payment::{PaymentMethod, PaymentStatus};
+use shop_domain::order::{NewOrder, Order, OrderItem, OrderLine, OrderStatus, OrderableOption};
+use shop_domain::payment::{Payment, PaymentMethod, PaymentStatus};
 use shop_domain::ports::{FencedWrite, StockRow, Transaction, UnitOfWork};
 use shop_domain::product::ProductOption;
 use shop_domain::sales::DailySales;
@@ -126,24 +126,89 @@ impl Transaction for SeaTransaction {
     }
 
     async fn orderable_options(&mut self, ids: &[ProductOptionId]) -> Result<Vec<OrderableOption>, DomainError> {
-        let rows = product_option::Entity::find()
-            .filter(product_option::Column::Id.is_in(ids.iter().map(|id| id.get())))
-            .filter(product_option::Column::DeletedAt.is_null())
-            .find_also_related(product::Entity)
-            .filter(product::Column::DeletedAt.is_null())
-            .all(&self.tx)
-            .await
-            .map_err(db)?;
-        rows.into_iter()
-            .filter_map(|(option, product)| product.map(|p| (option, p)))
-            .map(|(option, product)| {
-                Ok(OrderableOption {
-                    option: to_option(option)?,
-                    product_name: product.name,
-                    product_status: product.status.parse()?,
+        crate::orders::orderable_options(&self.tx, ids).await
+    }
+
+    async fn insert_orders(&mut self, orders: &[NewOrder]) -> Result<Vec<Order>, DomainError> {
+        let order_ids = self.next_ids("orders", orders.len()).await?;
+        let payment_ids = self.next_ids("payments", orders.len()).await?;
+        let rows: Vec<order::ActiveModel> = orders
+            .iter()
+            .zip(&order_ids)
+            .map(|(new, id)| order::ActiveModel {
+                id: Set(*id),
+                user_id: Set(new.user_id.get()),
+                total_price: Set(new.total_price.won()),
+                status: Set(OrderStatus::PendingPayment.as_str().to_owned()),
+                ordered_at: Set(new.ordered_at),
+                updated_at: Set(new.ordered_at),
+                deleted_at: Set(None),
+            })
+            .collect();
+        let items: Vec<order_item::ActiveModel> = orders
+            .iter()
+            .zip(&order_ids)
+            .flat_map(|(new, id)| new.items.iter().map(move |i| item_row(*id, i, new.ordered_at)))
+            .collect();
+        let payments: Vec<payment::ActiveModel> = orders
+            .iter()
+            .zip(order_ids.iter().zip(&payment_ids))
+            .map(|(new, (order_id, id))| payment::ActiveModel { id: Set(*id), ..pending_payment(*order_id, new) })
+            .collect();
+        insert_chunked::<order::Entity, _>(&self.tx, rows).await?;
+        insert_chunked::<order_item::Entity, _>(&self.tx, items).await?;
+        insert_chunked::<payment::Entity, _>(&self.tx, payments).await?;
+        orders
+            .iter()
+            .zip(order_ids.iter().zip(&payment_ids))
+            .map(|(new, (order_id, payment_id))| {
+                let order_id = OrderId::new(*order_id)?;
+                Ok(Order {
+                    id: order_id,
+                    user_id: new.user_id,
+                    status: OrderStatus::PendingPayment,
+                    total_price: new.total_price,
+                    ordered_at: new.ordered_at,
+                    items: new.items.clone(),
+                    payment: Payment {
+                        id: PaymentId::new(*payment_id)?,
+                        order_id,
+                        user_id: new.user_id,
+                        status: PaymentStatus::Pending,
+                        method: PaymentMethod::Balance,
+                        amount: new.total_price,
+                        paid_at: None,
+                    },
                 })
             })
             .collect()
+    }
+
+    async fn remove_from_carts(
+        &mut self,
+        carts: &[(UserId, Vec<ProductOptionId>)],
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        if carts.is_empty() {
+            return Ok(());
+        }
+        let mut whose = Condition::any();
+        for (user_id, options) in carts {
+            whose = whose.add(
+                Condition::all()
+                    .add(cart::Column::UserId.eq(user_id.get()))
+                    .add(cart::Column::ProductOptionId.is_in(options.iter().map(|o| o.get()))),
+            );
+        }
+        cart::Entity::update_many()
+            .col_expr(cart::Column::DeletedAt, Expr::value(Some(now)))
+            .col_expr(cart::Column::UpdatedAt, Expr::value(now))
+            .filter(cart::Column::DeletedAt.is_null())
+            .filter(whose)
+            .exec(&self.tx)
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 
     async fn insert_order(&mut self, new: &NewOrder) -> Result<Order, DomainError> {
@@ -160,37 +225,11 @@ impl Transaction for SeaTransaction {
         .insert(&self.tx)
         .await
         .map_err(db)?;
-        order_item::Entity::insert_many(new.items.iter().map(|i| order_item::ActiveModel {
-            order_id: Set(row.id),
-            product_id: Set(i.product_id.get()),
-            product_option_id: Set(i.product_option_id.get()),
-            product_name: Set(i.product_name.clone()),
-            option_name: Set(i.option_name.clone()),
-            quantity: Set(i.quantity.get()),
-            unit_price: Set(i.unit_price.won()),
-            total_price_at_order: Set(i.total_price.won()),
-            created_at: Set(now),
-            deleted_at: Set(None),
-            ..Default::default()
-        }))
-        .exec_without_returning(&self.tx)
-        .await
-        .map_err(db)?;
-        let pay = payment::ActiveModel {
-            order_id: Set(row.id),
-            user_id: Set(new.user_id.get()),
-            amount: Set(new.total_price.won()),
-            method: Set(PaymentMethod::Balance.as_str().to_owned()),
-            status: Set(PaymentStatus::Pending.as_str().to_owned()),
-            paid_at: Set(None),
-            created_at: Set(now),
-            updated_at: Set(now),
-            deleted_at: Set(None),
-            ..Default::default()
-        }
-        .insert(&self.tx)
-        .await
-        .map_err(db)?;
+        order_item::Entity::insert_many(new.items.iter().map(|i| item_row(row.id, i, now)))
+            .exec_without_returning(&self.tx)
+            .await
+            .map_err(db)?;
+        let pay = pending_payment(row.id, new).insert(&self.tx).await.map_err(db)?;
         Ok(Order {
             id: OrderId::new(row.id)?,
             user_id: new.user_id,
@@ -222,6 +261,59 @@ impl Transaction for SeaTransaction {
 
     async fn find_order(&mut self, id: OrderId) -> Result<Option<Order>, DomainError> {
         crate::orders::find_order(&self.tx, id).await
+    }
+
+    async fn find_orders(&mut self, ids: &[OrderId]) -> Result<Vec<Order>, DomainError> {
+        let rows = order::Entity::find()
+            .filter(order::Column::Id.is_in(ids.iter().map(|id| id.get())))
+            .filter(order::Column::DeletedAt.is_null())
+            .order_by_asc(order::Column::Id)
+            .all(&self.tx)
+            .await
+            .map_err(db)?;
+        crate::orders::load_orders(&self.tx, rows).await
+    }
+
+    async fn transition_orders(
+        &mut self,
+        ids: &[OrderId],
+        from: OrderStatus,
+        to: OrderStatus,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OrderId>, DomainError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let moved = order::Entity::update_many()
+            .col_expr(order::Column::Status, Expr::value(to.as_str()))
+            .col_expr(order::Column::UpdatedAt, Expr::value(now))
+            .filter(order::Column::Id.is_in(ids.iter().map(|id| id.get())))
+            .filter(order::Column::Status.eq(from.as_str()))
+            .exec_with_returning(&self.tx)
+            .await
+            .map_err(db)?;
+        moved.into_iter().map(|o| Ok(OrderId::new(o.id)?)).collect()
+    }
+
+    async fn settle_payments(
+        &mut self,
+        ids: &[PaymentId],
+        status: PaymentStatus,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let paid_at = (status == PaymentStatus::Completed).then_some(now);
+        payment::Entity::update_many()
+            .col_expr(payment::Column::Status, Expr::value(status.as_str()))
+            .col_expr(payment::Column::PaidAt, Expr::value(paid_at))
+            .col_expr(payment::Column::UpdatedAt, Expr::value(now))
+            .filter(payment::Column::Id.is_in(ids.iter().map(|id| id.get())))
+            .exec(&self.tx)
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 
     async fn transition_order(
@@ -333,7 +425,7 @@ impl Transaction for SeaTransaction {
         quantity: Quantity,
         now: DateTime<Utc>,
     ) -> Result<bool, DomainError> {
-        let result = conditional_decrement(id, quantity, now).exec(&self.tx).await.map_err(db)?;
+        let result = conditional_decrement(id, quantity.get(), now).exec(&self.tx).await.map_err(db)?;
         Ok(result.rows_affected == 1)
     }
 
@@ -344,9 +436,23 @@ impl Transaction for SeaTransaction {
         fence: u64,
         now: DateTime<Utc>,
     ) -> Result<FencedWrite, DomainError> {
+        self.decrement_stock_by(id, quantity.get(), Some(fence), now).await
+    }
+
+    async fn decrement_stock_by(
+        &mut self,
+        id: ProductOptionId,
+        units: i64,
+        fence: Option<u64>,
+        now: DateTime<Utc>,
+    ) -> Result<FencedWrite, DomainError> {
+        let Some(fence) = fence else {
+            let result = conditional_decrement(id, units, now).exec(&self.tx).await.map_err(db)?;
+            return Ok(if result.rows_affected == 1 { FencedWrite::Written } else { FencedWrite::OutOfStock });
+        };
         let fence = i64::try_from(fence).map_err(DomainError::unexpected)?;
         // Equal tokens pass: one lock hold may write its option more than once.
-        let result = conditional_decrement(id, quantity, now)
+        let result = conditional_decrement(id, units, now)
             .col_expr(product_option::Column::FenceToken, Expr::value(fence))
             .filter(product_option::Column::FenceToken.lte(fence))
             .exec(&self.tx)
@@ -441,10 +547,9 @@ impl Transaction for SeaTransaction {
 /// writer that read the old stock retries.
 fn conditional_decrement(
     id: ProductOptionId,
-    quantity: Quantity,
+    n: i64,
     now: DateTime<Utc>,
 ) -> sea_orm::UpdateMany<product_option::Entity> {
-    let n = quantity.get();
     product_option::Entity::update_many()
         .col_expr(product_option::Column::Stock, Expr::col(product_option::Column::Stock).sub(n))
         .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
@@ -454,6 +559,34 @@ fn conditional_decrement(
 }
 
 impl SeaTransaction {
+    /// `n` fresh ids for `table`, to insert a batch with one multi-row statement and still know each row's id:
+    /// from the identity sequence on PostgreSQL; above the largest id on SQLite, whose IMMEDIATE transaction
+    /// holds the one write lock until it commits, so nobody else can take them meanwhile.
+    async fn next_ids(&self, table: &str, n: usize) -> Result<Vec<i64>, DomainError> {
+        let count = i64::try_from(n).map_err(DomainError::unexpected)?;
+        let backend = self.tx.get_database_backend();
+        if backend == DbBackend::Postgres {
+            let sql = format!("SELECT nextval(pg_get_serial_sequence('{table}', 'id')) FROM generate_series(1, $1)");
+            let rows = self
+                .tx
+                .query_all_raw(Statement::from_sql_and_values(backend, sql, [count.into()]))
+                .await
+                .map_err(db)?;
+            return rows.iter().map(|r| r.try_get_by_index::<i64>(0).map_err(db)).collect();
+        }
+        let sql = format!("SELECT COALESCE(MAX(id), 0) FROM {table}");
+        let top = self
+            .tx
+            .query_one_raw(Statement::from_string(backend, sql))
+            .await
+            .map_err(db)?
+            .map(|r| r.try_get_by_index::<i64>(0))
+            .transpose()
+            .map_err(db)?
+            .unwrap_or(0);
+        Ok((1..=count).map(|k| top + k).collect())
+    }
+
     /// Stock rows ascending by id; `lock` takes `FOR NO KEY UPDATE` row locks on PostgreSQL (SQLite has none
     /// and needs none: its IMMEDIATE transactions already run one writer at a time).
     async fn stock_rows(&self, ids: &[ProductOptionId], lock: bool) -> Result<Vec<StockRow>, DomainError> {
@@ -474,4 +607,54 @@ impl SeaTransaction {
             })
             .collect()
     }
+}
+
+/// The row of one order item.
+fn item_row(order_id: i64, i: &OrderItem, now: DateTime<Utc>) -> order_item::ActiveModel {
+    order_item::ActiveModel {
+        order_id: Set(order_id),
+        product_id: Set(i.product_id.get()),
+        product_option_id: Set(i.product_option_id.get()),
+        product_name: Set(i.product_name.clone()),
+        option_name: Set(i.option_name.clone()),
+        quantity: Set(i.quantity.get()),
+        unit_price: Set(i.unit_price.won()),
+        total_price_at_order: Set(i.total_price.won()),
+        created_at: Set(now),
+        deleted_at: Set(None),
+        ..Default::default()
+    }
+}
+
+/// The PENDING payment of a new order, its id left to the database.
+fn pending_payment(order_id: i64, new: &NewOrder) -> payment::ActiveModel {
+    payment::ActiveModel {
+        order_id: Set(order_id),
+        user_id: Set(new.user_id.get()),
+        amount: Set(new.total_price.won()),
+        method: Set(PaymentMethod::Balance.as_str().to_owned()),
+        status: Set(PaymentStatus::Pending.as_str().to_owned()),
+        paid_at: Set(None),
+        created_at: Set(new.ordered_at),
+        updated_at: Set(new.ordered_at),
+        deleted_at: Set(None),
+        ..Default::default()
+    }
+}
+
+/// Rows per multi-row INSERT: far below SQLite's 32,766 and PostgreSQL's 65,535 bound parameters at the
+/// widest row (ten columns).
+const ROWS_PER_INSERT: usize = 1_000;
+
+async fn insert_chunked<E, A>(tx: &DatabaseTransaction, rows: Vec<A>) -> Result<(), DomainError>
+where
+    E: EntityTrait,
+    A: sea_orm::ActiveModelTrait<Entity = E> + Send,
+{
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<A> = rows.by_ref().take(ROWS_PER_INSERT).collect();
+        E::insert_many(chunk).exec_without_returning(tx).await.map_err(db)?;
+    }
+    Ok(())
 }

@@ -101,6 +101,9 @@ pub struct Settings {
     /// How long an order waits for its stock locks (`local`, `redis-*`) before 503 `LOCK_TIMEOUT`, in
     /// milliseconds.
     pub lock_wait_ms: u64,
+    /// How many orders (and, separately, payments) that arrive together one batch combines under one lock hold
+    /// and one commit; `1` turns combining off (one order per lock and per commit).
+    pub order_batch_max: u32,
     /// How long an order may stay unpaid before the sweeper cancels it: `900`, `90s`, `15m`, `1h`.
     #[serde(with = "duration_text")]
     pub order_payment_timeout: Duration,
@@ -166,6 +169,7 @@ impl fmt::Debug for Settings {
             .field("lock_lease_ms", &self.lock_lease_ms)
             .field("optimistic_max_retries", &self.optimistic_max_retries)
             .field("lock_wait_ms", &self.lock_wait_ms)
+            .field("order_batch_max", &self.order_batch_max)
             .field("order_payment_timeout", &self.order_payment_timeout)
             .field("order_sweep_interval", &self.order_sweep_interval)
             .finish()
@@ -233,12 +237,16 @@ impl Default for Settings {
             lock_lease_ms: 10_000,
             optimistic_max_retries: 50,
             lock_wait_ms: 5_000,
+            order_batch_max: 128,
             // The reference's timeout.
             order_payment_timeout: Duration::from_secs(15 * 60),
             order_sweep_interval: Duration::from_secs(30),
         }
     }
 }
+
+/// The largest batch: past it a batch's statements grow without making commits fewer in a way that matters.
+pub const MAX_ORDER_BATCH: u32 = 4_096;
 
 /// A setting that is missing, malformed or does not fit the others.
 #[derive(Debug, thiserror::Error)]
@@ -280,6 +288,12 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "SHOP_DATABASE_URL",
                 message: "must start with postgres:// or sqlite:".into(),
+            });
+        }
+        if !(1..=MAX_ORDER_BATCH).contains(&self.order_batch_max) {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_ORDER_BATCH_MAX",
+                message: format!("must be 1 (combining off) to {MAX_ORDER_BATCH}"),
             });
         }
         if self.db_max_connections == 0 {

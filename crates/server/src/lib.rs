@@ -280,7 +280,8 @@ async fn wire(
             IDEMPOTENCY_LEASE,
         ),
         catalog: CatalogService::new(products, clock.clone()),
-        orders: OrderService::new(uow.clone(), orders, users.clone(), stock, clock.clone(), events),
+        orders: OrderService::new(uow.clone(), orders, users.clone(), stock, clock.clone(), events)
+            .combining(settings.order_batch_max as usize),
         cart: CartService::new(carts, users, uow, clock),
         admin_token: settings.admin_token.as_deref().map(Arc::from),
         probes,

@@ -18,6 +18,8 @@ use crate::ports::{Clock, DomainEvent, EventPublisher, OrderRepository, Transact
 use crate::sales::DailySales;
 use crate::stock::{StockPermit, StockStrategy};
 
+use super::batch::{self, Combiners, PendingOrder, PendingPayment};
+
 /// How orders met their stock strategy since start-up: what `/metrics` shows and the benchmark reads.
 #[derive(Debug, Default)]
 pub struct OrderStats {
@@ -33,19 +35,20 @@ pub struct OrderStats {
     pub lock_wait_micros: AtomicU64,
 }
 
-fn bump(counter: &AtomicU64, by: u64) {
+pub(super) fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
 #[derive(Clone)]
 pub struct OrderService {
-    stats: Arc<OrderStats>,
-    uow: Arc<dyn UnitOfWork>,
+    pub(super) stats: Arc<OrderStats>,
+    pub(super) uow: Arc<dyn UnitOfWork>,
     orders: Arc<dyn OrderRepository>,
     users: Arc<dyn UserRepository>,
-    stock: Arc<dyn StockStrategy>,
-    clock: Arc<dyn Clock>,
-    events: Arc<dyn EventPublisher>,
+    pub(super) stock: Arc<dyn StockStrategy>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) events: Arc<dyn EventPublisher>,
+    combiners: Combiners,
 }
 
 impl std::fmt::Debug for OrderService {
@@ -63,7 +66,28 @@ impl OrderService {
         clock: Arc<dyn Clock>,
         events: Arc<dyn EventPublisher>,
     ) -> Self {
-        Self { stats: Arc::new(OrderStats::default()), uow, orders, users, stock, clock, events }
+        Self {
+            stats: Arc::new(OrderStats::default()),
+            uow,
+            orders,
+            users,
+            stock,
+            clock,
+            events,
+            combiners: Combiners::default(),
+        }
+    }
+
+    /// Combines orders, and payments, that arrive together: each batch of up to `max` takes the stock
+    /// strategy's protection once and commits in one transaction (see [`super::batch`]). `max <= 1` leaves
+    /// combining off: one order per lock hold and per commit.
+    ///
+    /// # Panics
+    /// With `max > 1`, outside a tokio runtime (the batch workers are spawned on it).
+    #[must_use]
+    pub fn combining(mut self, max: usize) -> Self {
+        self.combiners = if max > 1 { Combiners::spawn(&self, max) } else { Combiners::default() };
+        self
     }
 
     /// Counters of how orders met the stock strategy.
@@ -90,7 +114,45 @@ impl OrderService {
     pub async fn create(
         &self,
         request: OrderRequest,
-        recorder: Option<&Recorder<'_, Order>>,
+        recorder: Option<&Recorder<Order>>,
+    ) -> Result<Order, DomainError> {
+        let Some(placing) = &self.combiners.placing else {
+            return self.create_alone(request, recorder).await;
+        };
+        let new = self.validate(&request).await?;
+        let recorder = recorder.cloned();
+        batch::submit(placing, |reply| PendingOrder { request, new, recorder, reply }).await
+    }
+
+    /// What a batch cannot check for each order at no cost, checked before the order joins one: the user
+    /// exists, every option is live and on sale (the order is priced here), and none is already short. A bad
+    /// order is answered from here and never reaches a batch.
+    async fn validate(&self, request: &OrderRequest) -> Result<NewOrder, DomainError> {
+        let ids: Vec<ProductOptionId> = request.lines().iter().map(|l| l.option_id).collect();
+        let (user, options) = tokio::join!(self.users.find(request.user_id()), self.orders.orderable_options(&ids));
+        if user?.is_none() {
+            return Err(DomainError::UserNotFound(request.user_id()));
+        }
+        let options = options?;
+        let new = NewOrder::price(request, &options, self.clock.now())?;
+        for line in request.lines() {
+            let short = options
+                .iter()
+                .find(|o| o.option.id == line.option_id)
+                .is_some_and(|o| o.option.stock.checked_take(line.quantity).is_none());
+            if short {
+                bump(&self.stats.refused_early, 1);
+                return Err(DomainError::OutOfStock { option_id: line.option_id });
+            }
+        }
+        Ok(new)
+    }
+
+    /// One order, one lock hold, one transaction: the path when combining is off.
+    async fn create_alone(
+        &self,
+        request: OrderRequest,
+        recorder: Option<&Recorder<Order>>,
     ) -> Result<Order, DomainError> {
         self.refuse_if_short(&request).await?;
         let waited = std::time::Instant::now();
@@ -145,7 +207,7 @@ impl OrderService {
         &self,
         request: &OrderRequest,
         permit: &StockPermit,
-        recorder: Option<&Recorder<'_, Order>>,
+        recorder: Option<&Recorder<Order>>,
     ) -> Result<Order, DomainError> {
         let retry = self.stock.retry_policy();
         let mut attempt = 0;
@@ -169,7 +231,7 @@ impl OrderService {
         &self,
         request: &OrderRequest,
         permit: &StockPermit,
-        recorder: Option<&Recorder<'_, Order>>,
+        recorder: Option<&Recorder<Order>>,
     ) -> Result<Order, DomainError> {
         let now = self.clock.now();
         let ids: Vec<ProductOptionId> = request.lines().iter().map(|l| l.option_id).collect();
@@ -222,7 +284,21 @@ impl OrderService {
         &self,
         order_id: OrderId,
         user_id: UserId,
-        recorder: Option<&Recorder<'_, Payment>>,
+        recorder: Option<&Recorder<Payment>>,
+    ) -> Result<Payment, DomainError> {
+        let Some(paying) = &self.combiners.paying else {
+            return self.pay_alone(order_id, user_id, recorder).await;
+        };
+        let recorder = recorder.cloned();
+        batch::submit(paying, |reply| PendingPayment { order_id, user_id, recorder, reply }).await
+    }
+
+    /// One payment in one transaction: the path when combining is off, and for each payment of a failed batch.
+    pub(super) async fn pay_alone(
+        &self,
+        order_id: OrderId,
+        user_id: UserId,
+        recorder: Option<&Recorder<Payment>>,
     ) -> Result<Payment, DomainError> {
         let now = self.clock.now();
         let mut tx = self.uow.begin().await?;

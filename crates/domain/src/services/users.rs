@@ -48,7 +48,7 @@ impl UserService {
         &self,
         id: UserId,
         amount: ChargeAmount,
-        recorder: Option<&Recorder<'_, Money>>,
+        recorder: Option<&Recorder<Money>>,
     ) -> Result<Money, DomainError> {
         let now = self.clock.now();
         let Some(recorder) = recorder else {
@@ -146,11 +146,13 @@ mod tests {
         repo.expect_charge().never();
         let svc = UserService::new(Arc::new(repo), Arc::new(uow), clock());
         let claim = IdempotencyClaim { id: 1, user_id: uid(1), key: IdempotencyKey::new("k").unwrap(), token: 1 };
-        let render = |o: &Result<Money, DomainError>| StoredResponse {
-            status: if o.is_ok() { 200 } else { 422 },
-            body: o.as_ref().map_or_else(|_| String::new(), |m| m.won().to_string()),
-        };
-        let recorder = Recorder::new(&claim, &render);
+        let recorder = Recorder::new(
+            claim,
+            Arc::new(|o: &Result<Money, DomainError>| StoredResponse {
+                status: if o.is_ok() { 200 } else { 422 },
+                body: o.as_ref().map_or_else(|_| String::new(), |m| m.won().to_string()),
+            }),
+        );
         assert_eq!(svc.charge(uid(1), ChargeAmount::new(700).unwrap(), Some(&recorder)).await.unwrap().won(), 700);
     }
 

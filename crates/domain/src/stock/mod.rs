@@ -187,6 +187,40 @@ pub trait StockStrategy: Send + Sync {
         Ok(Admission { permit, verdicts: orders.iter().map(|_| Ok(())).collect() })
     }
 
+    /// Inside a batch's transaction, before the batch allocates: the current stock of the batch's options
+    /// (ascending). The pessimistic strategy locks the rows here; the default reads them, which is exact for
+    /// strategies that hold a lock outside the database and a first guess for the others (their write checks).
+    ///
+    /// # Errors
+    /// What the store reports.
+    async fn claim(&self, tx: &mut dyn Transaction, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError> {
+        tx.read_stock(ids).await
+    }
+
+    /// Inside a batch's transaction, after it allocated: writes what the batch takes, per option its row as
+    /// [`StockStrategy::claim`] read it and the units allocated (ascending). The default is the conditional
+    /// decrement, fenced with the permit's token where the strategy fences.
+    ///
+    /// # Errors
+    /// [`DomainError::WriteConflict`] when the row no longer holds the units (another instance wrote since the
+    /// claim: the batch is retried); [`DomainError::StaleLock`] when the fence refused the write.
+    async fn take_allocated(
+        &self,
+        tx: &mut dyn Transaction,
+        takes: &[(StockRow, i64)],
+        permit: &StockPermit,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        for (row, units) in takes {
+            match tx.decrement_stock_by(row.option_id, *units, permit.fence(row.option_id), now).await? {
+                FencedWrite::Written => {}
+                FencedWrite::OutOfStock => return Err(DomainError::WriteConflict),
+                FencedWrite::Fenced => return Err(DomainError::StaleLock { option_id: row.option_id }),
+            }
+        }
+        Ok(())
+    }
+
     /// Runs once the transaction that used `permit` has ended: `taken` is what it committed (empty when it
     /// rolled back). The default drops the permit, releasing its locks; a strategy that reserved stock outside
     /// the database gives back whatever it reserved and the transaction did not take.
@@ -221,7 +255,6 @@ pub fn union_of(orders: &[&[OrderLine]]) -> Vec<OrderLine> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::money::Quantity;
     use crate::ports::MockTransaction;
 
     fn line(id: i64) -> OrderLine {

@@ -8,8 +8,9 @@ use chrono::{DateTime, Utc};
 use super::{RetryPolicy, StockPermit, StockStrategy, left_after};
 use crate::error::DomainError;
 use crate::ids::ProductOptionId;
+use crate::money::Stock;
 use crate::order::OrderLine;
-use crate::ports::Transaction;
+use crate::ports::{StockRow, Transaction};
 
 #[derive(Debug, Clone, Copy)]
 pub struct OptimisticStock {
@@ -47,6 +48,23 @@ impl StockStrategy for OptimisticStock {
         Ok(())
     }
 
+    /// A batch writes each option's new stock only if its version is still the one it allocated from.
+    async fn take_allocated(
+        &self,
+        tx: &mut dyn Transaction,
+        takes: &[(StockRow, i64)],
+        _permit: &StockPermit,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        for (row, units) in takes {
+            let left = Stock::new(row.stock.get() - units).map_err(|_| DomainError::WriteConflict)?;
+            if !tx.write_stock(row.option_id, left, Some(row.version), now).await? {
+                return Err(DomainError::WriteConflict);
+            }
+        }
+        Ok(())
+    }
+
     fn retry_policy(&self) -> RetryPolicy {
         self.retry
     }
@@ -55,8 +73,8 @@ impl StockStrategy for OptimisticStock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::money::{Quantity, Stock};
-    use crate::ports::{MockTransaction, StockRow};
+    use crate::money::Quantity;
+    use crate::ports::MockTransaction;
 
     fn line(qty: i64) -> OrderLine {
         OrderLine { option_id: ProductOptionId::new(1).unwrap(), quantity: Quantity::new(qty).unwrap() }

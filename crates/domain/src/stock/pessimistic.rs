@@ -11,7 +11,7 @@ use super::{StockPermit, StockStrategy, left_after};
 use crate::error::DomainError;
 use crate::ids::ProductOptionId;
 use crate::order::OrderLine;
-use crate::ports::Transaction;
+use crate::ports::{StockRow, Transaction};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PessimisticStock;
@@ -38,13 +38,18 @@ impl StockStrategy for PessimisticStock {
         }
         Ok(())
     }
+
+    /// A batch locks its rows before it allocates, so that the allocation reads what the write will find.
+    async fn claim(&self, tx: &mut dyn Transaction, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError> {
+        tx.lock_stock(ids).await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::money::{Quantity, Stock};
-    use crate::ports::{MockTransaction, StockRow};
+    use crate::ports::MockTransaction;
 
     fn line(id: i64, qty: i64) -> OrderLine {
         OrderLine { option_id: ProductOptionId::new(id).unwrap(), quantity: Quantity::new(qty).unwrap() }

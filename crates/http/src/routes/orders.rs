@@ -1,5 +1,7 @@
 //! Orders and payment.
 
+use std::sync::Arc;
+
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, get, post, web};
 use chrono::{DateTime, Utc};
@@ -192,14 +194,14 @@ pub async fn create_order(
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     let request = OrderRequest::new(user, lines)?;
-    let render = renderer(StatusCode::CREATED, |order: &Order| OrderResponse::from(order.clone()));
+    let render = Arc::new(renderer(StatusCode::CREATED, |order: &Order| OrderResponse::from(order.clone())));
     let claim = match begin(&state, user, key.0, || request_hash("POST /api/v1/orders", &body)).await? {
         Begin::Replay(response) => return Ok(response),
         Begin::Run(claim) => claim,
     };
-    let recorder = claim.as_ref().map(|c| Recorder::new(c, &render));
+    let recorder = claim.as_ref().map(|c| Recorder::new(c.clone(), render.clone()));
     let outcome = state.orders.create(request, recorder.as_ref()).await;
-    finish(&state, claim.as_ref(), outcome, &render).await
+    finish(&state, claim.as_ref(), outcome, render.as_ref()).await
 }
 
 /// One order with its items and payment.
@@ -268,13 +270,13 @@ pub async fn pay_order(
 ) -> Result<HttpResponse, ApiError> {
     let order = OrderId::new(path.into_inner())?;
     let user = UserId::new(body.0.user_id)?;
-    let render = renderer(StatusCode::OK, |payment: &Payment| PaymentResponse::from(payment.clone()));
+    let render = Arc::new(renderer(StatusCode::OK, |payment: &Payment| PaymentResponse::from(payment.clone())));
     let route = format!("POST /api/v1/orders/{order}/payment");
     let claim = match begin(&state, user, key.0, || request_hash(&route, &body.0)).await? {
         Begin::Replay(response) => return Ok(response),
         Begin::Run(claim) => claim,
     };
-    let recorder = claim.as_ref().map(|c| Recorder::new(c, &render));
+    let recorder = claim.as_ref().map(|c| Recorder::new(c.clone(), render.clone()));
     let outcome = state.orders.pay(order, user, recorder.as_ref()).await;
-    finish(&state, claim.as_ref(), outcome, &render).await
+    finish(&state, claim.as_ref(), outcome, render.as_ref()).await
 }

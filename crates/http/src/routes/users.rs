@@ -1,5 +1,7 @@
 //! `POST /api/v1/users`, the balance and its charge.
 
+use std::sync::Arc;
+
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, get, post, web};
 use serde::{Deserialize, Serialize};
@@ -120,14 +122,16 @@ pub async fn charge_balance(
 ) -> Result<HttpResponse, ApiError> {
     let id = UserId::new(path.into_inner())?;
     let amount = ChargeAmount::new(body.0.amount)?;
-    let render =
-        renderer(StatusCode::OK, move |balance: &Money| BalanceResponse { user_id: id.get(), balance: balance.won() });
+    let render = Arc::new(renderer(StatusCode::OK, move |balance: &Money| BalanceResponse {
+        user_id: id.get(),
+        balance: balance.won(),
+    }));
     let route = format!("POST /api/v1/users/{id}/balance/charge");
     let claim = match begin(&state, id, key.0, || request_hash(&route, &body.0)).await? {
         Begin::Replay(response) => return Ok(response),
         Begin::Run(claim) => claim,
     };
-    let recorder = claim.as_ref().map(|c| Recorder::new(c, &render));
+    let recorder = claim.as_ref().map(|c| Recorder::new(c.clone(), render.clone()));
     let outcome = state.users.charge(id, amount, recorder.as_ref()).await;
-    finish(&state, claim.as_ref(), outcome, &render).await
+    finish(&state, claim.as_ref(), outcome, render.as_ref()).await
 }

@@ -1,0 +1,379 @@
+//! Combined orders and payments: what [`super::OrderService`] does with a batch the [`Combiner`] hands it.
+//!
+//! An order batch takes its strategy's protection once for the union of its options (ascending), reads or
+//! locks those rows once, allocates their stock to its orders in arrival order (each order all of its lines or
+//! none), and commits every order that fits, with its items, payment, cart removal and idempotency record, in
+//! one transaction of multi-row statements. A payment batch moves its orders to PAID with one statement, spends
+//! each user's balance, adds the day's sales with one upsert per option for the whole batch, and completes the
+//! payments with one statement. Answers go out only after the commit; a batch that fails for a reason of one of
+//! its requests is retried one request at a time, so that one bad request never fails the rest.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::combiner::Combiner;
+use super::orders::{OrderService, bump};
+use crate::error::DomainError;
+use crate::idempotency::Recorder;
+use crate::ids::{OrderId, PaymentId, ProductOptionId, UserId};
+use crate::order::{NewOrder, Order, OrderLine, OrderRequest, OrderStatus};
+use crate::payment::{Payment, PaymentStatus};
+use crate::ports::{DomainEvent, StockRow};
+use crate::sales::DailySales;
+use crate::stock::{RetryPolicy, StockPermit, union_of};
+
+/// How a batch is retried when its stock write found the row changed since its read (another instance wrote):
+/// used by strategies that do not retry single orders (their single write never conflicts).
+const BATCH_RETRY: RetryPolicy = RetryPolicy {
+    max_retries: 20,
+    base: std::time::Duration::from_millis(1),
+    cap: std::time::Duration::from_millis(20),
+};
+
+/// An order validated and priced, waiting for its batch.
+pub(super) struct PendingOrder {
+    pub(super) request: OrderRequest,
+    pub(super) new: NewOrder,
+    pub(super) recorder: Option<Recorder<Order>>,
+    pub(super) reply: oneshot::Sender<Result<Order, DomainError>>,
+}
+
+/// A payment waiting for its batch.
+pub(super) struct PendingPayment {
+    pub(super) order_id: OrderId,
+    pub(super) user_id: UserId,
+    pub(super) recorder: Option<Recorder<Payment>>,
+    pub(super) reply: oneshot::Sender<Result<Payment, DomainError>>,
+}
+
+/// The combiners of one [`OrderService`]: `None` when combining is off (`SHOP_ORDER_BATCH_MAX=1`).
+#[derive(Clone, Default)]
+pub(super) struct Combiners {
+    pub(super) placing: Option<Combiner<PendingOrder>>,
+    pub(super) paying: Option<Combiner<PendingPayment>>,
+}
+
+impl Combiners {
+    /// Starts both workers for `service` (whose own combiners are off, so the workers hold no sender of theirs
+    /// and end when the last service clone that submits is dropped).
+    pub(super) fn spawn(service: &OrderService, max: usize) -> Self {
+        let placer = service.clone();
+        let payer = service.clone();
+        Self {
+            placing: Some(Combiner::spawn(max, move |batch| {
+                let svc = placer.clone();
+                async move { svc.place_batch(batch).await }
+            })),
+            paying: Some(Combiner::spawn(max, move |batch| {
+                let svc = payer.clone();
+                async move { svc.pay_batch(batch).await }
+            })),
+        }
+    }
+}
+
+/// Sends `job` to `combiner` and waits for its batch's answer.
+pub(super) async fn submit<J: Send + 'static, T>(
+    combiner: &Combiner<J>,
+    job: impl FnOnce(oneshot::Sender<Result<T, DomainError>>) -> J,
+) -> Result<T, DomainError> {
+    let (reply, answer) = oneshot::channel();
+    combiner.submit(job(reply)).map_err(|_| DomainError::unexpected("the order combiner has stopped"))?;
+    answer.await.unwrap_or_else(|_| Err(DomainError::unexpected("the batch ended without an answer")))
+}
+
+/// Allocates `left` (units per option) to orders in arrival order: each order gets all of its lines or none.
+/// Returns per order `Ok` (its units are taken from `left`) or why it is refused.
+pub(crate) fn allocate<'a>(
+    left: &mut BTreeMap<ProductOptionId, i64>,
+    orders: impl IntoIterator<Item = &'a [OrderLine]>,
+) -> Vec<Result<(), DomainError>> {
+    orders
+        .into_iter()
+        .map(|lines| {
+            for line in lines {
+                match left.get(&line.option_id) {
+                    None => return Err(DomainError::ProductOptionNotFound(line.option_id)),
+                    Some(units) if *units < line.quantity.get() => {
+                        return Err(DomainError::OutOfStock { option_id: line.option_id });
+                    }
+                    Some(_) => {}
+                }
+            }
+            for line in lines {
+                *left.entry(line.option_id).or_default() -= line.quantity.get();
+            }
+            Ok(())
+        })
+        .collect()
+}
+
+impl OrderService {
+    fn batch_retry(&self) -> RetryPolicy {
+        let policy = self.stock.retry_policy();
+        if policy.max_retries > 0 { policy } else { BATCH_RETRY }
+    }
+
+    /// Commits one batch of orders and answers each of them.
+    pub(super) async fn place_batch(&self, batch: Vec<PendingOrder>) {
+        let lines: Vec<&[OrderLine]> = batch.iter().map(|p| p.request.lines()).collect();
+        let waited = Instant::now();
+        let admission = match self.stock.acquire_batch(&lines).await {
+            Ok(admission) => admission,
+            Err(e) => {
+                for pending in batch {
+                    let _ = pending.reply.send(Err(e.replicate()));
+                }
+                return;
+            }
+        };
+        if admission.permit.is_held() {
+            bump(&self.stats.lock_acquisitions, 1);
+            bump(&self.stats.lock_wait_micros, u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX));
+        }
+        let mut admitted = Vec::with_capacity(batch.len());
+        for (pending, verdict) in batch.into_iter().zip(admission.verdicts) {
+            match verdict {
+                Ok(()) => admitted.push(pending),
+                Err(refused) => {
+                    bump(&self.stats.refused_early, 1);
+                    let _ = pending.reply.send(Err(refused));
+                }
+            }
+        }
+        let outcomes = self.commit_orders_isolating(&admitted, &admission.permit).await;
+        let taken: Vec<OrderLine> = admitted
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| outcome.is_ok())
+            .flat_map(|(pending, _)| pending.request.lines().iter().copied())
+            .collect();
+        self.stock.settle(admission.permit, &taken).await;
+        for (pending, outcome) in admitted.into_iter().zip(outcomes) {
+            if let Ok(order) = &outcome {
+                bump(&self.stats.placed, 1);
+                self.events.publish(DomainEvent::OrderCreated {
+                    order_id: order.id,
+                    user_id: order.user_id,
+                    total_price: order.total_price,
+                });
+            }
+            let _ = pending.reply.send(outcome);
+        }
+    }
+
+    /// The batch in one transaction; if that fails for any reason but a lost race, each order alone.
+    async fn commit_orders_isolating(
+        &self,
+        batch: &[PendingOrder],
+        permit: &StockPermit,
+    ) -> Vec<Result<Order, DomainError>> {
+        match self.commit_orders_retrying(batch, permit).await {
+            Ok(outcomes) => outcomes,
+            Err(e) if batch.len() > 1 => {
+                tracing::warn!(size = batch.len(), error = %e, "an order batch failed; committing its orders one by one");
+                let mut outcomes = Vec::with_capacity(batch.len());
+                for one in batch.chunks(1) {
+                    outcomes.push(self.commit_orders_retrying(one, permit).await.and_then(|mut o| {
+                        o.pop().unwrap_or_else(|| Err(DomainError::unexpected("a batch of one answered nothing")))
+                    }));
+                }
+                outcomes
+            }
+            Err(e) => vec![Err(e)],
+        }
+    }
+
+    async fn commit_orders_retrying(
+        &self,
+        batch: &[PendingOrder],
+        permit: &StockPermit,
+    ) -> Result<Vec<Result<Order, DomainError>>, DomainError> {
+        let retry = self.batch_retry();
+        let mut attempt = 0;
+        loop {
+            match self.commit_orders(batch, permit).await {
+                Err(DomainError::WriteConflict) if attempt < retry.max_retries => {
+                    bump(&self.stats.retries, 1);
+                    tokio::time::sleep(retry.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(DomainError::WriteConflict) => {
+                    tracing::warn!(attempts = attempt + 1, "a batch's stock write kept losing; giving up");
+                    return Err(DomainError::LockTimeout { retry_after_secs: 1 });
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One transaction for the batch: `Ok` holds each order's outcome (stored, or refused for stock); `Err` is
+    /// a failure of the transaction itself, which then kept nothing.
+    async fn commit_orders(
+        &self,
+        batch: &[PendingOrder],
+        permit: &StockPermit,
+    ) -> Result<Vec<Result<Order, DomainError>>, DomainError> {
+        let now = self.clock.now();
+        let lines: Vec<&[OrderLine]> = batch.iter().map(|p| p.request.lines()).collect();
+        let ids: Vec<ProductOptionId> = union_of(&lines).iter().map(|l| l.option_id).collect();
+        let mut tx = self.uow.begin().await?;
+        let rows = self.stock.claim(tx.as_mut(), &ids).await?;
+        let mut left: BTreeMap<ProductOptionId, i64> = rows.iter().map(|r| (r.option_id, r.stock.get())).collect();
+        let verdicts = allocate(&mut left, lines.iter().copied());
+        let winners: Vec<&PendingOrder> =
+            batch.iter().zip(&verdicts).filter(|(_, v)| v.is_ok()).map(|(p, _)| p).collect();
+        if winners.is_empty() {
+            // Nothing to write: the transaction rolls back on drop, and every order has its refusal.
+            return Ok(verdicts
+                .into_iter()
+                .map(|v| Err(v.err().unwrap_or_else(|| DomainError::unexpected("an allocated order was lost"))))
+                .collect());
+        }
+        let news: Vec<NewOrder> = winners.iter().map(|p| NewOrder { ordered_at: now, ..p.new.clone() }).collect();
+        let orders = tx.insert_orders(&news).await?;
+        let carts: Vec<(UserId, Vec<ProductOptionId>)> = winners
+            .iter()
+            .map(|p| (p.request.user_id(), p.request.lines().iter().map(|l| l.option_id).collect()))
+            .collect();
+        tx.remove_from_carts(&carts, now).await?;
+        let takes: Vec<(StockRow, i64)> = rows
+            .iter()
+            .filter_map(|row| {
+                let units = row.stock.get() - left.get(&row.option_id).copied().unwrap_or(row.stock.get());
+                (units > 0).then_some((*row, units))
+            })
+            .collect();
+        // Last, so that whatever it locks is held only until the commit just below.
+        self.stock.take_allocated(tx.as_mut(), &takes, permit, now).await?;
+        for (pending, order) in winners.iter().zip(&orders) {
+            if let Some(recorder) = &pending.recorder {
+                recorder.record_in(tx.as_mut(), &Ok(order.clone()), now).await?;
+            }
+        }
+        tx.commit().await?;
+        let mut stored = orders.into_iter();
+        Ok(verdicts
+            .into_iter()
+            .map(|v| {
+                v.and_then(|()| {
+                    stored.next().ok_or_else(|| DomainError::unexpected("fewer orders stored than allocated"))
+                })
+            })
+            .collect())
+    }
+
+    /// Commits one batch of payments and answers each of them.
+    pub(super) async fn pay_batch(&self, batch: Vec<PendingPayment>) {
+        let outcomes = match self.commit_payments(&batch).await {
+            Ok(outcomes) => outcomes,
+            Err(e) if batch.len() > 1 => {
+                tracing::warn!(size = batch.len(), error = %e, "a payment batch failed; paying its orders one by one");
+                let mut outcomes = Vec::with_capacity(batch.len());
+                for one in &batch {
+                    outcomes.push(self.pay_alone(one.order_id, one.user_id, one.recorder.as_ref()).await);
+                }
+                outcomes
+            }
+            Err(e) => vec![Err(e)],
+        };
+        for (pending, outcome) in batch.into_iter().zip(outcomes) {
+            if let Ok(payment) = &outcome {
+                self.events.publish(DomainEvent::PaymentCompleted {
+                    payment_id: payment.id,
+                    order_id: pending.order_id,
+                    user_id: pending.user_id,
+                    amount: payment.amount,
+                });
+            }
+            let _ = pending.reply.send(outcome);
+        }
+    }
+
+    /// One transaction for a batch of payments. A payment that cannot go on (not found, not payable, short of
+    /// balance) gets its answer as in [`OrderService::pay`]; a short balance cancels its order in this same
+    /// transaction.
+    async fn commit_payments(
+        &self,
+        batch: &[PendingPayment],
+    ) -> Result<Vec<Result<Payment, DomainError>>, DomainError> {
+        let now = self.clock.now();
+        let mut tx = self.uow.begin().await?;
+        let ids: Vec<OrderId> = batch.iter().map(|p| p.order_id).collect();
+        let found: BTreeMap<OrderId, Order> = tx.find_orders(&ids).await?.into_iter().map(|o| (o.id, o)).collect();
+        // The same order twice in one batch: only its first payment may move it.
+        let mut claimed: BTreeMap<OrderId, usize> = BTreeMap::new();
+        let mut outcomes: Vec<Option<Result<Payment, DomainError>>> = Vec::with_capacity(batch.len());
+        for (i, pending) in batch.iter().enumerate() {
+            let order = found.get(&pending.order_id).filter(|o| o.user_id == pending.user_id);
+            outcomes.push(match order {
+                None => Some(Err(DomainError::OrderNotFound(pending.order_id))),
+                Some(order) => match order.ensure_payable() {
+                    Err(e) => Some(Err(e)),
+                    Ok(()) if claimed.contains_key(&order.id) => {
+                        Some(Err(DomainError::OrderNotPayable { order_id: order.id, status: OrderStatus::Paid }))
+                    }
+                    Ok(()) => {
+                        claimed.insert(order.id, i);
+                        None
+                    }
+                },
+            });
+        }
+        let candidates: Vec<OrderId> = claimed.keys().copied().collect();
+        let moved = tx.transition_orders(&candidates, OrderStatus::PendingPayment, OrderStatus::Paid, now).await?;
+        // Balances are spent in ascending user order (arrival order within a user), so that two instances'
+        // batches lock users' rows in one order and never wait on each other in a cycle.
+        let mut spending: Vec<(UserId, usize, OrderId)> =
+            claimed.iter().map(|(id, i)| (found[id].user_id, *i, *id)).collect();
+        spending.sort_unstable();
+        let mut paid: Vec<&Order> = Vec::with_capacity(moved.len());
+        let mut completed: Vec<PaymentId> = Vec::with_capacity(moved.len());
+        for (_, i, id) in &spending {
+            let (i, id) = (*i, id);
+            let order = &found[id];
+            if !moved.contains(id) {
+                // Another payment or the sweeper moved it after our read.
+                let status = tx.find_order(*id).await?.map_or(OrderStatus::Cancelled, |o| o.status);
+                outcomes[i] = Some(Err(DomainError::OrderNotPayable { order_id: *id, status }));
+                continue;
+            }
+            // Users' balances are rows of their own: one conditional spend per payment, arrival order per user.
+            if tx.spend_balance(order.user_id, order.total_price, now).await?.is_some() {
+                let mut payment = order.payment.clone();
+                payment.status = PaymentStatus::Completed;
+                payment.paid_at = Some(now);
+                paid.push(order);
+                completed.push(payment.id);
+                outcomes[i] = Some(Ok(payment));
+            } else {
+                let balance = tx.balance(order.user_id).await?;
+                tx.transition_order(*id, OrderStatus::Paid, OrderStatus::Cancelled, now).await?;
+                tx.settle_payment(order.payment.id, PaymentStatus::Failed, now).await?;
+                tx.restore_stock(&order.stock_lines(), now).await?;
+                outcomes[i] = Some(Err(DomainError::InsufficientBalance { balance, required: order.total_price }));
+            }
+        }
+        if !paid.is_empty() {
+            let items: Vec<_> = paid.iter().flat_map(|o| o.items.iter().cloned()).collect();
+            tx.add_daily_sales(&DailySales::of_items(now.date_naive(), &items), now).await?;
+            tx.settle_payments(&completed, PaymentStatus::Completed, now).await?;
+        }
+        let outcomes: Vec<Result<Payment, DomainError>> = outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(DomainError::unexpected("a payment was left undecided"))))
+            .collect();
+        for (pending, outcome) in batch.iter().zip(&outcomes) {
+            // Refusals found before any write (not found, not payable) are settled by the caller as for one
+            // payment; what this transaction decided is recorded in it.
+            let decided_here = matches!(outcome, Ok(_) | Err(DomainError::InsufficientBalance { .. }));
+            if let (Some(recorder), true) = (&pending.recorder, decided_here) {
+                recorder.record_in(tx.as_mut(), outcome, now).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
