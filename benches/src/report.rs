@@ -59,10 +59,12 @@ pub fn write(out: &Path, cells: &[Cell], pay: bool) -> std::io::Result<String> {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "| strategy | batch | scenario | makespan ms | reference ms | orders/s | p50 | p95 | p99 | max | 201 | 409 | 503 | other | early 409 | retries | lock wait avg ms | final stock | correct |"
+        "| strategy | batch | scenario | makespan ms | reference ms | orders/s | p50 | p95 | p99 | max | 201 | 409 | 503 | other | early 409 | retries | lock wait avg ms | mean batch | final stock | correct |"
     );
-    let _ =
-        writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(
+        md,
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
     for c in cells {
         let r = &c.median;
         let mut sorted = r.latencies.clone();
@@ -74,7 +76,7 @@ pub fn write(out: &Path, cells: &[Cell], pay: bool) -> std::io::Result<String> {
         );
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             c.strategy,
             c.batch_max.map_or_else(|| "default".to_owned(), |b| b.to_string()),
             c.scenario,
@@ -95,6 +97,11 @@ pub fn write(out: &Path, cells: &[Cell], pay: bool) -> std::io::Result<String> {
                 "—".to_owned()
             } else {
                 format!("{:.1}", r.counters.lock_wait_micros as f64 / r.counters.lock_acquisitions as f64 / 1000.0)
+            },
+            if r.counters.order_batches == 0 {
+                "—".to_owned()
+            } else {
+                format!("{:.1}", r.created as f64 / r.counters.order_batches as f64)
             },
             r.final_stock,
             if c.all_correct { format!("yes ({} runs)", c.runs) } else { "**NO**".to_owned() },
@@ -148,6 +155,7 @@ fn json(cells: &[Cell]) -> String {
                 "finalStock": c.median.final_stock,
                 "retries": c.median.counters.retries,
                 "refusedEarly": c.median.counters.refused_early,
+                "orderBatches": c.median.counters.order_batches,
                 "lockAcquisitions": c.median.counters.lock_acquisitions,
                 "lockWaitMicros": c.median.counters.lock_wait_micros,
                 "correct": c.all_correct,

@@ -83,6 +83,8 @@ pub struct Counters {
     pub refused_early: u64,
     pub lock_acquisitions: u64,
     pub lock_wait_micros: u64,
+    /// Order batches committed (combining on): created orders / batches is the mean batch size.
+    pub order_batches: u64,
 }
 
 /// The counters of every instance, summed.
@@ -102,6 +104,7 @@ async fn read_counters(client: &reqwest::Client, bases: &[String]) -> Counters {
                 "shop_orders_refused_early_total" => total.refused_early += value,
                 "shop_stock_lock_acquisitions_total" => total.lock_acquisitions += value,
                 "shop_stock_lock_wait_microseconds_total" => total.lock_wait_micros += value,
+                "shop_order_batches_total" => total.order_batches += value,
                 _ => {}
             }
         }
@@ -214,6 +217,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         refused_early: after.refused_early - before.refused_early,
         lock_acquisitions: after.lock_acquisitions - before.lock_acquisitions,
         lock_wait_micros: after.lock_wait_micros - before.lock_wait_micros,
+        order_batches: after.order_batches - before.order_batches,
     };
 
     let payment = if setup.pay { Some(pay_all(&client, &servers.bases, &buyers, &orders).await) } else { None };

@@ -70,6 +70,9 @@ pub trait UserRepository: Send + Sync {
     /// A user that exists and is not soft-deleted.
     async fn find(&self, id: UserId) -> Result<Option<User>, DomainError>;
 
+    /// Which of `ids` are live users, in one read.
+    async fn existing(&self, ids: &[UserId]) -> Result<Vec<UserId>, DomainError>;
+
     /// Adds `amount` to the balance in one atomic conditional UPDATE, so concurrent charges never lose one
     /// another; returns the new balance.
     ///
@@ -238,6 +241,14 @@ pub trait Transaction: Send {
         amount: Money,
         now: DateTime<Utc>,
     ) -> Result<Option<Money>, DomainError>;
+
+    /// [`Transaction::spend_balance`] for several users in one statement, each user at most once: the users
+    /// whose balance covered their amount and was spent (the others are unchanged).
+    async fn spend_balances(
+        &mut self,
+        spends: &[(UserId, Money)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<UserId>, DomainError>;
 
     /// The user's balance.
     ///

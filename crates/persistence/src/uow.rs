@@ -388,6 +388,34 @@ impl Transaction for SeaTransaction {
         rows.into_iter().next().map(|u| Ok(Money::new(u.balance)?)).transpose()
     }
 
+    async fn spend_balances(
+        &mut self,
+        spends: &[(UserId, Money)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<UserId>, DomainError> {
+        if spends.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One UPDATE for every user: `balance - CASE id WHEN .. THEN amount .. END`, guarded by the same CASE
+        // so that a user whose balance is short is left out (and unchanged).
+        let mut amount = sea_orm::sea_query::CaseStatement::new();
+        for (user, money) in spends {
+            amount = amount.case(Expr::col(user::Column::Id).eq(user.get()), Expr::val(money.won()));
+        }
+        let amount: sea_orm::sea_query::SimpleExpr = amount.into();
+        let spent = user::Entity::update_many()
+            .col_expr(user::Column::Balance, Expr::col(user::Column::Balance).sub(amount.clone()))
+            .col_expr(user::Column::Version, Expr::col(user::Column::Version).add(1))
+            .col_expr(user::Column::UpdatedAt, Expr::value(now))
+            .filter(user::Column::Id.is_in(spends.iter().map(|(u, _)| u.get())))
+            .filter(user::Column::DeletedAt.is_null())
+            .filter(Expr::col(user::Column::Balance).gte(amount))
+            .exec_with_returning(&self.tx)
+            .await
+            .map_err(db)?;
+        spent.into_iter().map(|u| Ok(UserId::new(u.id)?)).collect()
+    }
+
     async fn balance(&mut self, user_id: UserId) -> Result<Money, DomainError> {
         let row = user::Entity::find_by_id(user_id.get()).one(&self.tx).await.map_err(db)?;
         row.map(|u| Ok(Money::new(u.balance)?)).unwrap_or(Err(DomainError::UserNotFound(user_id)))

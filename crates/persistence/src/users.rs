@@ -3,7 +3,9 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect, Set,
+};
 use shop_domain::DomainError;
 use shop_domain::ids::UserId;
 use shop_domain::money::Money;
@@ -63,6 +65,19 @@ pub(crate) fn to_user(m: user::Model) -> Result<User, DomainError> {
 
 #[async_trait]
 impl UserRepository for SeaUserRepository {
+    async fn existing(&self, ids: &[UserId]) -> Result<Vec<UserId>, DomainError> {
+        let rows: Vec<i64> = user::Entity::find()
+            .select_only()
+            .column(user::Column::Id)
+            .filter(user::Column::Id.is_in(ids.iter().map(|id| id.get())))
+            .filter(user::Column::DeletedAt.is_null())
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(db)?;
+        rows.into_iter().map(|id| Ok(UserId::new(id)?)).collect()
+    }
+
     async fn create(&self, name: &UserName, now: DateTime<Utc>) -> Result<User, DomainError> {
         let model = user::ActiveModel {
             name: Set(name.as_str().to_owned()),

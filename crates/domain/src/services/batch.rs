@@ -1,6 +1,8 @@
 //! Combined orders and payments: what [`super::OrderService`] does with a batch the [`Combiner`] hands it.
 //!
-//! An order batch takes its strategy's protection once for the union of its options (ascending), reads or
+//! An order batch first validates and prices its orders with two reads for all of them (which users exist; the
+//! options with their products and stock), answering at once the orders that name an unknown user or option, a
+//! product off sale, or more than is left. It then takes its strategy's protection once for the union of its options (ascending), reads or
 //! locks those rows once, allocates their stock to its orders in arrival order (each order all of its lines or
 //! none), and commits every order that fits, with its items, payment, cart removal and idempotency record, in
 //! one transaction of multi-row statements. A payment batch moves its orders to PAID with one statement, spends
@@ -18,6 +20,7 @@ use super::orders::{OrderService, bump};
 use crate::error::DomainError;
 use crate::idempotency::Recorder;
 use crate::ids::{OrderId, PaymentId, ProductOptionId, UserId};
+use crate::money::Money;
 use crate::order::{NewOrder, Order, OrderLine, OrderRequest, OrderStatus};
 use crate::payment::{Payment, PaymentStatus};
 use crate::ports::{DomainEvent, StockRow};
@@ -32,12 +35,17 @@ const BATCH_RETRY: RetryPolicy = RetryPolicy {
     cap: std::time::Duration::from_millis(20),
 };
 
-/// An order validated and priced, waiting for its batch.
+/// An order waiting for its batch.
 pub(super) struct PendingOrder {
     pub(super) request: OrderRequest,
-    pub(super) new: NewOrder,
     pub(super) recorder: Option<Recorder<Order>>,
     pub(super) reply: oneshot::Sender<Result<Order, DomainError>>,
+}
+
+/// An order of a batch that passed validation, priced.
+pub(super) struct ValidOrder {
+    pending: PendingOrder,
+    new: NewOrder,
 }
 
 /// A payment waiting for its batch.
@@ -118,13 +126,23 @@ impl OrderService {
 
     /// Commits one batch of orders and answers each of them.
     pub(super) async fn place_batch(&self, batch: Vec<PendingOrder>) {
-        let lines: Vec<&[OrderLine]> = batch.iter().map(|p| p.request.lines()).collect();
+        let batch = match self.validate_batch(batch).await {
+            Ok(valid) if valid.is_empty() => return,
+            Ok(valid) => valid,
+            Err((batch, e)) => {
+                for pending in batch {
+                    let _ = pending.reply.send(Err(e.replicate()));
+                }
+                return;
+            }
+        };
+        let lines: Vec<&[OrderLine]> = batch.iter().map(|v| v.pending.request.lines()).collect();
         let waited = Instant::now();
         let admission = match self.stock.acquire_batch(&lines).await {
             Ok(admission) => admission,
             Err(e) => {
-                for pending in batch {
-                    let _ = pending.reply.send(Err(e.replicate()));
+                for valid in batch {
+                    let _ = valid.pending.reply.send(Err(e.replicate()));
                 }
                 return;
             }
@@ -134,12 +152,12 @@ impl OrderService {
             bump(&self.stats.lock_wait_micros, u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX));
         }
         let mut admitted = Vec::with_capacity(batch.len());
-        for (pending, verdict) in batch.into_iter().zip(admission.verdicts) {
+        for (valid, verdict) in batch.into_iter().zip(admission.verdicts) {
             match verdict {
-                Ok(()) => admitted.push(pending),
+                Ok(()) => admitted.push(valid),
                 Err(refused) => {
                     bump(&self.stats.refused_early, 1);
-                    let _ = pending.reply.send(Err(refused));
+                    let _ = valid.pending.reply.send(Err(refused));
                 }
             }
         }
@@ -148,10 +166,10 @@ impl OrderService {
             .iter()
             .zip(&outcomes)
             .filter(|(_, outcome)| outcome.is_ok())
-            .flat_map(|(pending, _)| pending.request.lines().iter().copied())
+            .flat_map(|(valid, _)| valid.pending.request.lines().iter().copied())
             .collect();
         self.stock.settle(admission.permit, &taken).await;
-        for (pending, outcome) in admitted.into_iter().zip(outcomes) {
+        for (valid, outcome) in admitted.into_iter().zip(outcomes) {
             if let Ok(order) = &outcome {
                 bump(&self.stats.placed, 1);
                 self.events.publish(DomainEvent::OrderCreated {
@@ -160,19 +178,70 @@ impl OrderService {
                     total_price: order.total_price,
                 });
             }
-            let _ = pending.reply.send(outcome);
+            let _ = valid.pending.reply.send(outcome);
         }
+    }
+
+    /// Validates and prices every order of the batch against two reads, answers the ones that cannot go on, and
+    /// returns the rest in arrival order. On a failed read, the whole batch comes back with the error.
+    async fn validate_batch(
+        &self,
+        batch: Vec<PendingOrder>,
+    ) -> Result<Vec<ValidOrder>, (Vec<PendingOrder>, DomainError)> {
+        let mut users: Vec<UserId> = batch.iter().map(|p| p.request.user_id()).collect();
+        users.sort_unstable();
+        users.dedup();
+        let lines: Vec<&[OrderLine]> = batch.iter().map(|p| p.request.lines()).collect();
+        let ids: Vec<ProductOptionId> = union_of(&lines).iter().map(|l| l.option_id).collect();
+        let (known, options) = tokio::join!(self.users.existing(&users), self.orders.orderable_options(&ids));
+        let (known, options) = match (known, options) {
+            (Ok(known), Ok(options)) => (known, options),
+            (Err(e), _) | (_, Err(e)) => return Err((batch, e)),
+        };
+        let now = self.clock.now();
+        let mut valid = Vec::with_capacity(batch.len());
+        for pending in batch {
+            let request = &pending.request;
+            let verdict = if known.contains(&request.user_id()) {
+                NewOrder::price(request, &options, now).and_then(|new| {
+                    // Short already at the read: refused here, without a lock or a transaction.
+                    let short = request.lines().iter().find(|line| {
+                        options
+                            .iter()
+                            .find(|o| o.option.id == line.option_id)
+                            .is_some_and(|o| o.option.stock.checked_take(line.quantity).is_none())
+                    });
+                    match short {
+                        Some(line) => {
+                            bump(&self.stats.refused_early, 1);
+                            Err(DomainError::OutOfStock { option_id: line.option_id })
+                        }
+                        None => Ok(new),
+                    }
+                })
+            } else {
+                Err(DomainError::UserNotFound(request.user_id()))
+            };
+            match verdict {
+                Ok(new) => valid.push(ValidOrder { pending, new }),
+                Err(refused) => {
+                    let _ = pending.reply.send(Err(refused));
+                }
+            }
+        }
+        Ok(valid)
     }
 
     /// The batch in one transaction; if that fails for any reason but a lost race, each order alone.
     async fn commit_orders_isolating(
         &self,
-        batch: &[PendingOrder],
+        batch: &[ValidOrder],
         permit: &StockPermit,
     ) -> Vec<Result<Order, DomainError>> {
         match self.commit_orders_retrying(batch, permit).await {
             Ok(outcomes) => outcomes,
             Err(e) if batch.len() > 1 => {
+                bump(&self.stats.batch_splits, 1);
                 tracing::warn!(size = batch.len(), error = %e, "an order batch failed; committing its orders one by one");
                 let mut outcomes = Vec::with_capacity(batch.len());
                 for one in batch.chunks(1) {
@@ -188,7 +257,7 @@ impl OrderService {
 
     async fn commit_orders_retrying(
         &self,
-        batch: &[PendingOrder],
+        batch: &[ValidOrder],
         permit: &StockPermit,
     ) -> Result<Vec<Result<Order, DomainError>>, DomainError> {
         let retry = self.batch_retry();
@@ -213,17 +282,17 @@ impl OrderService {
     /// a failure of the transaction itself, which then kept nothing.
     async fn commit_orders(
         &self,
-        batch: &[PendingOrder],
+        batch: &[ValidOrder],
         permit: &StockPermit,
     ) -> Result<Vec<Result<Order, DomainError>>, DomainError> {
         let now = self.clock.now();
-        let lines: Vec<&[OrderLine]> = batch.iter().map(|p| p.request.lines()).collect();
+        let lines: Vec<&[OrderLine]> = batch.iter().map(|v| v.pending.request.lines()).collect();
         let ids: Vec<ProductOptionId> = union_of(&lines).iter().map(|l| l.option_id).collect();
         let mut tx = self.uow.begin().await?;
         let rows = self.stock.claim(tx.as_mut(), &ids).await?;
         let mut left: BTreeMap<ProductOptionId, i64> = rows.iter().map(|r| (r.option_id, r.stock.get())).collect();
         let verdicts = allocate(&mut left, lines.iter().copied());
-        let winners: Vec<&PendingOrder> =
+        let winners: Vec<&ValidOrder> =
             batch.iter().zip(&verdicts).filter(|(_, v)| v.is_ok()).map(|(p, _)| p).collect();
         if winners.is_empty() {
             // Nothing to write: the transaction rolls back on drop, and every order has its refusal.
@@ -236,7 +305,7 @@ impl OrderService {
         let orders = tx.insert_orders(&news).await?;
         let carts: Vec<(UserId, Vec<ProductOptionId>)> = winners
             .iter()
-            .map(|p| (p.request.user_id(), p.request.lines().iter().map(|l| l.option_id).collect()))
+            .map(|v| (v.pending.request.user_id(), v.pending.request.lines().iter().map(|l| l.option_id).collect()))
             .collect();
         tx.remove_from_carts(&carts, now).await?;
         let takes: Vec<(StockRow, i64)> = rows
@@ -248,12 +317,13 @@ impl OrderService {
             .collect();
         // Last, so that whatever it locks is held only until the commit just below.
         self.stock.take_allocated(tx.as_mut(), &takes, permit, now).await?;
-        for (pending, order) in winners.iter().zip(&orders) {
-            if let Some(recorder) = &pending.recorder {
+        for (valid, order) in winners.iter().zip(&orders) {
+            if let Some(recorder) = &valid.pending.recorder {
                 recorder.record_in(tx.as_mut(), &Ok(order.clone()), now).await?;
             }
         }
         tx.commit().await?;
+        bump(&self.stats.order_batches, 1);
         let mut stored = orders.into_iter();
         Ok(verdicts
             .into_iter()
@@ -270,6 +340,7 @@ impl OrderService {
         let outcomes = match self.commit_payments(&batch).await {
             Ok(outcomes) => outcomes,
             Err(e) if batch.len() > 1 => {
+                bump(&self.stats.batch_splits, 1);
                 tracing::warn!(size = batch.len(), error = %e, "a payment batch failed; paying its orders one by one");
                 let mut outcomes = Vec::with_capacity(batch.len());
                 for one in &batch {
@@ -324,36 +395,45 @@ impl OrderService {
         }
         let candidates: Vec<OrderId> = claimed.keys().copied().collect();
         let moved = tx.transition_orders(&candidates, OrderStatus::PendingPayment, OrderStatus::Paid, now).await?;
-        // Balances are spent in ascending user order (arrival order within a user), so that two instances'
-        // batches lock users' rows in one order and never wait on each other in a cycle.
+        // Each user's payments of this batch are spent together, with one statement for all users; a user whose
+        // balance does not cover the sum is then spent payment by payment in arrival order, so that the ones that
+        // fit still go through. Users are taken in ascending id, so two instances' batches lock users' rows in
+        // one order and never wait on each other in a cycle.
         let mut spending: Vec<(UserId, usize, OrderId)> =
-            claimed.iter().map(|(id, i)| (found[id].user_id, *i, *id)).collect();
+            claimed.iter().filter(|(id, _)| moved.contains(id)).map(|(id, i)| (found[id].user_id, *i, *id)).collect();
         spending.sort_unstable();
-        let mut paid: Vec<&Order> = Vec::with_capacity(moved.len());
-        let mut completed: Vec<PaymentId> = Vec::with_capacity(moved.len());
-        for (_, i, id) in &spending {
-            let (i, id) = (*i, id);
-            let order = &found[id];
+        for (id, i) in &claimed {
             if !moved.contains(id) {
                 // Another payment or the sweeper moved it after our read.
                 let status = tx.find_order(*id).await?.map_or(OrderStatus::Cancelled, |o| o.status);
-                outcomes[i] = Some(Err(DomainError::OrderNotPayable { order_id: *id, status }));
-                continue;
+                outcomes[*i] = Some(Err(DomainError::OrderNotPayable { order_id: *id, status }));
             }
-            // Users' balances are rows of their own: one conditional spend per payment, arrival order per user.
-            if tx.spend_balance(order.user_id, order.total_price, now).await?.is_some() {
+        }
+        let mut sums: BTreeMap<UserId, Option<Money>> = BTreeMap::new();
+        for (user, _, id) in &spending {
+            let sum = sums.entry(*user).or_insert(Some(Money::ZERO));
+            *sum = sum.and_then(|s| s.checked_add(found[id].total_price));
+        }
+        let together: Vec<(UserId, Money)> = sums.iter().filter_map(|(u, sum)| sum.map(|s| (*u, s))).collect();
+        let spent = tx.spend_balances(&together, now).await?;
+        let mut paid: Vec<&Order> = Vec::with_capacity(spending.len());
+        let mut completed: Vec<PaymentId> = Vec::with_capacity(spending.len());
+        for (user, i, id) in &spending {
+            let order = &found[id];
+            let covered = spent.contains(user) || tx.spend_balance(*user, order.total_price, now).await?.is_some();
+            if covered {
                 let mut payment = order.payment.clone();
                 payment.status = PaymentStatus::Completed;
                 payment.paid_at = Some(now);
                 paid.push(order);
                 completed.push(payment.id);
-                outcomes[i] = Some(Ok(payment));
+                outcomes[*i] = Some(Ok(payment));
             } else {
                 let balance = tx.balance(order.user_id).await?;
                 tx.transition_order(*id, OrderStatus::Paid, OrderStatus::Cancelled, now).await?;
                 tx.settle_payment(order.payment.id, PaymentStatus::Failed, now).await?;
                 tx.restore_stock(&order.stock_lines(), now).await?;
-                outcomes[i] = Some(Err(DomainError::InsufficientBalance { balance, required: order.total_price }));
+                outcomes[*i] = Some(Err(DomainError::InsufficientBalance { balance, required: order.total_price }));
             }
         }
         if !paid.is_empty() {
@@ -374,6 +454,7 @@ impl OrderService {
             }
         }
         tx.commit().await?;
+        bump(&self.stats.payment_batches, 1);
         Ok(outcomes)
     }
 }

@@ -33,6 +33,12 @@ pub struct OrderStats {
     pub lock_acquisitions: AtomicU64,
     /// Time spent waiting for those locks, in microseconds.
     pub lock_wait_micros: AtomicU64,
+    /// Order batches committed (with combining on): `placed / order_batches` is the mean batch size.
+    pub order_batches: AtomicU64,
+    /// Payment batches committed (with combining on).
+    pub payment_batches: AtomicU64,
+    /// Batches whose transaction failed and whose requests were then committed one at a time.
+    pub batch_splits: AtomicU64,
 }
 
 pub(super) fn bump(counter: &AtomicU64, by: u64) {
@@ -43,8 +49,8 @@ pub(super) fn bump(counter: &AtomicU64, by: u64) {
 pub struct OrderService {
     pub(super) stats: Arc<OrderStats>,
     pub(super) uow: Arc<dyn UnitOfWork>,
-    orders: Arc<dyn OrderRepository>,
-    users: Arc<dyn UserRepository>,
+    pub(super) orders: Arc<dyn OrderRepository>,
+    pub(super) users: Arc<dyn UserRepository>,
     pub(super) stock: Arc<dyn StockStrategy>,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) events: Arc<dyn EventPublisher>,
@@ -119,33 +125,8 @@ impl OrderService {
         let Some(placing) = &self.combiners.placing else {
             return self.create_alone(request, recorder).await;
         };
-        let new = self.validate(&request).await?;
         let recorder = recorder.cloned();
-        batch::submit(placing, |reply| PendingOrder { request, new, recorder, reply }).await
-    }
-
-    /// What a batch cannot check for each order at no cost, checked before the order joins one: the user
-    /// exists, every option is live and on sale (the order is priced here), and none is already short. A bad
-    /// order is answered from here and never reaches a batch.
-    async fn validate(&self, request: &OrderRequest) -> Result<NewOrder, DomainError> {
-        let ids: Vec<ProductOptionId> = request.lines().iter().map(|l| l.option_id).collect();
-        let (user, options) = tokio::join!(self.users.find(request.user_id()), self.orders.orderable_options(&ids));
-        if user?.is_none() {
-            return Err(DomainError::UserNotFound(request.user_id()));
-        }
-        let options = options?;
-        let new = NewOrder::price(request, &options, self.clock.now())?;
-        for line in request.lines() {
-            let short = options
-                .iter()
-                .find(|o| o.option.id == line.option_id)
-                .is_some_and(|o| o.option.stock.checked_take(line.quantity).is_none());
-            if short {
-                bump(&self.stats.refused_early, 1);
-                return Err(DomainError::OutOfStock { option_id: line.option_id });
-            }
-        }
-        Ok(new)
+        batch::submit(placing, |reply| PendingOrder { request, recorder, reply }).await
     }
 
     /// One order, one lock hold, one transaction: the path when combining is off.

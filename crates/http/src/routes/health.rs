@@ -90,6 +90,21 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             "Time spent waiting for those locks.",
             stats.lock_wait_micros.load(Relaxed),
         ),
+        (
+            "shop_order_batches_total",
+            "Order batches committed, each in one transaction (combining on).",
+            stats.order_batches.load(Relaxed),
+        ),
+        (
+            "shop_payment_batches_total",
+            "Payment batches committed, each in one transaction (combining on).",
+            stats.payment_batches.load(Relaxed),
+        ),
+        (
+            "shop_batch_splits_total",
+            "Batches whose transaction failed and whose requests were committed one at a time.",
+            stats.batch_splits.load(Relaxed),
+        ),
     ] {
         let _ =
             writeln!(text, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{strategy=\"{strategy}\"}} {value}");
