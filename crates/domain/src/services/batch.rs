@@ -458,3 +458,48 @@ impl OrderService {
         Ok(outcomes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Quantity;
+
+    fn oid(n: i64) -> ProductOptionId {
+        ProductOptionId::new(n).unwrap()
+    }
+
+    fn lines(of: &[(i64, i64)]) -> Vec<OrderLine> {
+        of.iter().map(|(o, q)| OrderLine { option_id: oid(*o), quantity: Quantity::new(*q).unwrap() }).collect()
+    }
+
+    #[test]
+    fn stock_goes_to_orders_in_arrival_order_each_whole_or_not_at_all() {
+        let mut left = BTreeMap::from([(oid(1), 3), (oid(2), 1)]);
+        let orders = [lines(&[(1, 2)]), lines(&[(1, 1), (2, 2)]), lines(&[(1, 1), (2, 1)]), lines(&[(1, 1)])];
+        let verdicts = allocate(&mut left, orders.iter().map(Vec::as_slice));
+        assert!(verdicts[0].is_ok());
+        // Short of option 2: none of its lines is taken, so option 1's unit stays for the next order.
+        assert!(matches!(verdicts[1], Err(DomainError::OutOfStock { option_id }) if option_id == oid(2)));
+        assert!(verdicts[2].is_ok());
+        assert!(matches!(verdicts[3], Err(DomainError::OutOfStock { option_id }) if option_id == oid(1)));
+        assert_eq!(left, BTreeMap::from([(oid(1), 0), (oid(2), 0)]));
+    }
+
+    #[test]
+    fn an_option_without_a_row_is_not_found_and_takes_nothing() {
+        let mut left = BTreeMap::from([(oid(1), 5)]);
+        let orders = [lines(&[(1, 1), (9, 1)])];
+        let verdicts = allocate(&mut left, orders.iter().map(Vec::as_slice));
+        assert!(matches!(verdicts[0], Err(DomainError::ProductOptionNotFound(id)) if id == oid(9)));
+        assert_eq!(left[&oid(1)], 5);
+    }
+
+    #[test]
+    fn the_union_of_a_batch_sums_each_option_once_ascending() {
+        let orders = [lines(&[(2, 1), (5, 3)]), lines(&[(2, 4)]), lines(&[(1, 1000), (5, 999)])];
+        let slices: Vec<&[OrderLine]> = orders.iter().map(Vec::as_slice).collect();
+        let union: Vec<(i64, i64)> = union_of(&slices).iter().map(|l| (l.option_id.get(), l.quantity.get())).collect();
+        // Option 5 asks 1,002 units in all: a lock needs only its id, so the line saturates at the limit.
+        assert_eq!(union, vec![(1, 1000), (2, 5), (5, 1000)]);
+    }
+}

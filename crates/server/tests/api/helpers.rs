@@ -8,7 +8,7 @@ use tokio::sync::Barrier;
 use actix_web::dev::ServerHandle;
 use reqwest::header::HeaderMap;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
-use serde_json::Value;
+use serde_json::{Value, json};
 use shop_domain::services::{IdempotencyService, OrderService};
 use shop_server::{Application, Settings, StockStrategyName};
 
@@ -236,6 +236,11 @@ impl TestApp {
         self.scalars(sql).await.first().copied().expect("one row")
     }
 
+    /// An option's stock, read behind the API.
+    pub async fn stock_of(&self, option: i64) -> i64 {
+        self.scalar(&format!("SELECT stock FROM product_options WHERE id = {option}")).await
+    }
+
     /// Creates a product through the admin API and returns it.
     pub async fn product(&self, name: &str, options: &[(&str, i64, i64)]) -> Value {
         let options: Vec<Value> = options
@@ -305,8 +310,58 @@ pub async fn race(apps: &[Arc<TestApp>], buyers: &[i64], items: impl Fn(usize) -
     (answers, started.elapsed())
 }
 
-/// Runs each listed `async fn(TestApp)` with every stock strategy on every store that can serve it:
-/// PostgreSQL with all four, SQLite with all but `pessimistic` (which SQLite cannot serve).
+/// 1,000 buyers on 100 units, then 100 on 100, then two options ordered in opposite line order, with requests
+/// alternating over `apps` (instances of one database): never oversold, every 201 an order, no deadlock.
+/// Returns the options it raced on.
+pub async fn races_over_instances(apps: &[Arc<TestApp>], label: &str) -> Vec<i64> {
+    let app = &apps[0];
+    let count = |answers: &[Resp], s: u16| answers.iter().filter(|r| r.status == s).count();
+
+    let scarce = app.product("scarce", &[("one", 1000, 100)]).await["options"][0]["id"].as_i64().unwrap();
+    let buyers = app.users(1000, 0).await;
+    let (answers, took) = race(apps, &buyers, |_| json!([{"productOptionId": scarce, "quantity": 1}])).await;
+    eprintln!(
+        "[race] {label} x{} instances: 1000 buyers on 100 units, last answer after {} ms",
+        apps.len(),
+        took.as_millis()
+    );
+    assert_eq!(count(&answers, 201), 100, "{:?}", answers.iter().find(|r| r.status != 201 && r.status != 409));
+    assert_eq!(count(&answers, 409), 900);
+    assert_eq!(app.stock_of(scarce).await, 0);
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM orders").await, 100);
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM payments").await, 100);
+
+    let plenty = app.product("plenty", &[("one", 1000, 100)]).await["options"][0]["id"].as_i64().unwrap();
+    let (answers, took) = race(apps, &buyers[..100], |_| json!([{"productOptionId": plenty, "quantity": 1}])).await;
+    eprintln!(
+        "[race] {label} x{} instances: 100 buyers on 100 units, last answer after {} ms",
+        apps.len(),
+        took.as_millis()
+    );
+    assert_eq!(count(&answers, 201), 100, "{:?}", answers.iter().find(|r| r.status != 201));
+    assert_eq!(app.stock_of(plenty).await, 0);
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM orders").await, 200);
+
+    let pair = app.product("pair", &[("left", 1, 100), ("right", 1, 100)]).await;
+    let (a, b) = (pair["options"][0]["id"].as_i64().unwrap(), pair["options"][1]["id"].as_i64().unwrap());
+    let (answers, _) = race(apps, &buyers[..200], |i| {
+        let (x, y) = if i % 2 == 0 { (a, b) } else { (b, a) };
+        json!([{"productOptionId": x, "quantity": 1}, {"productOptionId": y, "quantity": 1}])
+    })
+    .await;
+    assert_eq!(
+        (count(&answers, 201), count(&answers, 409)),
+        (100, 100),
+        "{:?}",
+        answers.iter().find(|r| r.status >= 500)
+    );
+    assert_eq!((app.stock_of(a).await, app.stock_of(b).await), (0, 0));
+    vec![scarce, plenty, a, b]
+}
+
+/// Runs each listed `async fn(TestApp)` with every stock strategy on every store that can serve it
+/// (PostgreSQL with all four, SQLite with all but `pessimistic`, which SQLite cannot serve), once with orders
+/// combined into batches (the default) and once one by one (`SHOP_ORDER_BATCH_MAX=1`, the `_one_by_one` tests).
 #[macro_export]
 macro_rules! on_every_strategy {
     ($($case:ident),* $(,)?) => {$(
@@ -314,9 +369,10 @@ macro_rules! on_every_strategy {
             use $crate::helpers::{Store, TestApp};
             use shop_server::StockStrategyName as S;
 
-            async fn run(store: Store, strategy: S) {
+            async fn run(store: Store, strategy: S, batch: u32) {
                 if let Some(app) = TestApp::spawn_with(store, |s| {
                     s.stock_strategy = strategy;
+                    s.order_batch_max = batch;
                     s.db_max_connections = 16;
                     // These races prove correctness; a loaded CI machine must not turn a slow lock into a 503.
                     s.lock_wait_ms = 60_000;
@@ -327,21 +383,27 @@ macro_rules! on_every_strategy {
                 }
             }
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres_conditional() { run(Store::Postgres, S::Conditional).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres_optimistic() { run(Store::Postgres, S::Optimistic).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres_pessimistic() { run(Store::Postgres, S::Pessimistic).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres_local() { run(Store::Postgres, S::Local).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite_conditional() { run(Store::Sqlite, S::Conditional).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite_optimistic() { run(Store::Sqlite, S::Optimistic).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite_local() { run(Store::Sqlite, S::Local).await }
+            $crate::strategy_tests!(
+                postgres_conditional, postgres_conditional_one_by_one: Postgres, Conditional;
+                postgres_optimistic, postgres_optimistic_one_by_one: Postgres, Optimistic;
+                postgres_pessimistic, postgres_pessimistic_one_by_one: Postgres, Pessimistic;
+                postgres_local, postgres_local_one_by_one: Postgres, Local;
+                sqlite_conditional, sqlite_conditional_one_by_one: Sqlite, Conditional;
+                sqlite_optimistic, sqlite_optimistic_one_by_one: Sqlite, Optimistic;
+                sqlite_local, sqlite_local_one_by_one: Sqlite, Local;
+            );
         }
+    )*};
+}
+
+/// The two tests (combined, one by one) of each store and strategy, for [`on_every_strategy!`].
+#[macro_export]
+macro_rules! strategy_tests {
+    ($($combined:ident, $single:ident: $store:ident, $strategy:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $combined() { run(Store::$store, S::$strategy, 128).await }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $single() { run(Store::$store, S::$strategy, 1).await }
     )*};
 }
 

@@ -4,6 +4,7 @@
 
 mod admin;
 mod cart;
+mod combining;
 mod fencing;
 mod helpers;
 mod idempotency;

@@ -20,7 +20,7 @@ use shop_persistence::SeaUnitOfWork;
 use shop_redis::{DistributedLock, RedisLockStock, SpinLock, option_lock_key};
 use shop_server::StockStrategyName;
 
-use crate::helpers::{Resp, Store, TestApp, race};
+use crate::helpers::{Store, TestApp, races_over_instances};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -80,7 +80,7 @@ fn prefix() -> String {
 }
 
 /// Two instances over one fresh PostgreSQL database and the strategy's Redis.
-async fn cluster(strategy: StockStrategyName, nodes: Option<&RedisNodes>) -> Option<Vec<TestApp>> {
+async fn cluster(strategy: StockStrategyName, nodes: Option<&RedisNodes>, batch: u32) -> Option<Vec<TestApp>> {
     if !redis_up().await {
         return None;
     }
@@ -92,55 +92,20 @@ async fn cluster(strategy: StockStrategyName, nodes: Option<&RedisNodes>) -> Opt
         s.redlock_urls = redlock;
         s.db_max_connections = 16;
         s.lock_wait_ms = 30_000;
+        s.order_batch_max = batch;
     })
     .await
 }
 
-async fn stock(app: &TestApp, option: i64) -> i64 {
-    app.scalar(&format!("SELECT stock FROM product_options WHERE id = {option}")).await
-}
-
-/// 1,000 buyers on 100 units, then 100 on 100, then two options ordered in opposite line order, over two
-/// instances: never oversold, every 201 an order, no deadlock.
-async fn races_hold_over_two_instances(strategy: StockStrategyName, nodes: Option<&RedisNodes>) {
-    let Some(apps) = cluster(strategy, nodes).await else { return };
+/// The races of [`races_over_instances`] over two instances sharing the strategy's Redis; afterwards every lock
+/// is free.
+async fn races_hold_over_two_instances(strategy: StockStrategyName, nodes: Option<&RedisNodes>, batch: u32) {
+    let Some(apps) = cluster(strategy, nodes, batch).await else { return };
     let apps: Vec<Arc<TestApp>> = apps.into_iter().map(Arc::new).collect();
     let app = &apps[0];
-    let count = |answers: &[Resp], s: u16| answers.iter().filter(|r| r.status == s).count();
-
-    let scarce = app.product("scarce", &[("one", 1000, 100)]).await["options"][0]["id"].as_i64().unwrap();
-    let buyers = app.users(1000, 0).await;
-    let (answers, took) = race(&apps, &buyers, |_| json!([{"productOptionId": scarce, "quantity": 1}])).await;
-    eprintln!("[race] {strategy:?} x2 instances: 1000 buyers on 100 units, last answer after {} ms", took.as_millis());
-    assert_eq!(count(&answers, 201), 100, "{:?}", answers.iter().find(|r| r.status != 201 && r.status != 409));
-    assert_eq!(count(&answers, 409), 900);
-    assert_eq!(stock(app, scarce).await, 0);
-    assert_eq!(app.scalar("SELECT COUNT(*) FROM orders").await, 100);
-    assert_eq!(app.scalar("SELECT COUNT(*) FROM payments").await, 100);
-
-    let plenty = app.product("plenty", &[("one", 1000, 100)]).await["options"][0]["id"].as_i64().unwrap();
-    let (answers, took) = race(&apps, &buyers[..100], |_| json!([{"productOptionId": plenty, "quantity": 1}])).await;
-    eprintln!("[race] {strategy:?} x2 instances: 100 buyers on 100 units, last answer after {} ms", took.as_millis());
-    assert_eq!(count(&answers, 201), 100, "{:?}", answers.iter().find(|r| r.status != 201));
-    assert_eq!(stock(app, plenty).await, 0);
-    assert_eq!(app.scalar("SELECT COUNT(*) FROM orders").await, 200);
-
-    let pair = app.product("pair", &[("left", 1, 100), ("right", 1, 100)]).await;
-    let (a, b) = (pair["options"][0]["id"].as_i64().unwrap(), pair["options"][1]["id"].as_i64().unwrap());
-    let (answers, _) = race(&apps, &buyers[..200], |i| {
-        let (x, y) = if i % 2 == 0 { (a, b) } else { (b, a) };
-        json!([{"productOptionId": x, "quantity": 1}, {"productOptionId": y, "quantity": 1}])
-    })
-    .await;
-    assert_eq!(
-        (count(&answers, 201), count(&answers, 409)),
-        (100, 100),
-        "{:?}",
-        answers.iter().find(|r| r.status >= 500)
-    );
-    assert_eq!((stock(app, a).await, stock(app, b).await), (0, 0));
+    let options = races_over_instances(&apps, &format!("{strategy:?} batch {batch}")).await;
     // Every lock was released after its commit: nothing of this test is left locked.
-    for option in [scarce, plenty, a, b] {
+    for option in options {
         let key = option_lock_key(&app.settings.redis_key_prefix, ProductOptionId::new(option).unwrap());
         let held = SpinLock::connect(nodes.map_or(REDIS, |n| n.urls[0].as_str()), Duration::from_secs(1))
             .await
@@ -153,12 +118,22 @@ async fn races_hold_over_two_instances(strategy: StockStrategyName, nodes: Optio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_spin_orders_race_over_two_instances() {
-    races_hold_over_two_instances(StockStrategyName::RedisSpin, None).await;
+    races_hold_over_two_instances(StockStrategyName::RedisSpin, None, 128).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_spin_orders_race_over_two_instances_one_by_one() {
+    races_hold_over_two_instances(StockStrategyName::RedisSpin, None, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_pubsub_orders_race_over_two_instances() {
-    races_hold_over_two_instances(StockStrategyName::RedisPubsub, None).await;
+    races_hold_over_two_instances(StockStrategyName::RedisPubsub, None, 128).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pubsub_orders_race_over_two_instances_one_by_one() {
+    races_hold_over_two_instances(StockStrategyName::RedisPubsub, None, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +142,16 @@ async fn redis_redlock_orders_race_over_two_instances() {
         return;
     }
     let nodes = RedisNodes::start(3).await;
-    races_hold_over_two_instances(StockStrategyName::RedisRedlock, Some(&nodes)).await;
+    races_hold_over_two_instances(StockStrategyName::RedisRedlock, Some(&nodes), 128).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_redlock_orders_race_over_two_instances_one_by_one() {
+    if !redis_up().await {
+        return;
+    }
+    let nodes = RedisNodes::start(3).await;
+    races_hold_over_two_instances(StockStrategyName::RedisRedlock, Some(&nodes), 1).await;
 }
 
 /// A holder whose lock expired while it was paused (its watchdog stopped, as in a long GC pause or a stopped
@@ -210,7 +194,7 @@ async fn a_holder_paused_past_its_lease_has_its_stock_write_refused() {
     let err = strategy.take(tx.as_mut(), &line, &stale, Utc::now()).await.unwrap_err();
     assert!(matches!(err, DomainError::StaleLock { .. }), "{err:?}");
     drop(tx);
-    assert_eq!(stock(&app, option).await, 9, "only the current holder's unit was taken");
+    assert_eq!(app.stock_of(option).await, 9, "only the current holder's unit was taken");
 }
 
 /// An order that cannot get its lock within `SHOP_LOCK_WAIT_MS` is a 503 LOCK_TIMEOUT with Retry-After and
@@ -242,7 +226,7 @@ async fn a_lock_wait_that_runs_out_is_503_with_retry_after() {
         .await;
     r.problem(503, "LOCK_TIMEOUT");
     assert_eq!(r.headers.get("retry-after").unwrap(), "1");
-    assert_eq!(stock(&app, option).await, 5);
+    assert_eq!(app.stock_of(option).await, 5);
     held.release().await.unwrap();
     let r = app
         .post("/api/v1/orders", json!({"userId": user, "items": [{"productOptionId": option, "quantity": 1}]}))
