@@ -65,9 +65,11 @@ mod tests {
     use super::*;
 
     type Job = (u32, oneshot::Sender<usize>);
+    /// The batches a combiner ran, as the numbers of their jobs.
+    type Seen = Arc<Mutex<Vec<Vec<u32>>>>;
 
     /// A combiner whose batches take `hold` and record their sizes; each job is answered with its batch's size.
-    fn recording(max: usize, hold: Duration) -> (Combiner<Job>, Arc<Mutex<Vec<Vec<u32>>>>) {
+    fn recording(max: usize, hold: Duration) -> (Combiner<Job>, Seen) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
         let combiner = Combiner::spawn(max, move |batch: Vec<Job>| {

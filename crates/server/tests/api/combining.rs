@@ -250,7 +250,7 @@ async fn thousand_payments_add_up(store: Store, batch: u32) {
     let option = app.product("hot", &[("one", 1000, 1000)]).await["options"][0]["id"].as_i64().unwrap();
     let mut buyers = app.users(900, 5000).await;
     buyers.extend(app.users(100, 500).await);
-    let (answers, _) = crate::helpers::race(&[app.clone()], &buyers, |_| json!([line(option, 1)])).await;
+    let (answers, _) = crate::helpers::race(std::slice::from_ref(&app), &buyers, |_| json!([line(option, 1)])).await;
     assert!(answers.iter().all(|r| r.status == 201));
     let orders: Vec<(i64, i64)> =
         answers.iter().zip(&buyers).map(|(r, u)| (r.body["id"].as_i64().unwrap(), *u)).collect();
