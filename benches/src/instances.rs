@@ -89,12 +89,16 @@ pub async fn start(binary: &PathBuf, count: usize, env: &[(String, String)]) -> 
     for _ in 0..count {
         let port = free_port()?;
         let mut command = Command::new(binary);
+        // `BENCH_SERVER_LOG` (a RUST_LOG filter) shows the servers' logs, e.g. the order batches' timings with
+        // `warn,shop_domain::services::batch=debug`; by default only warnings, so logging costs nothing.
+        let log = std::env::var("BENCH_SERVER_LOG").ok();
         command
             .env("SHOP_HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("SHOP_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SHOP_SEED_DEMO", "false")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .env("SHOP_LOG_FORMAT", if log.is_some() { "json" } else { "text" })
+            .env("RUST_LOG", log.as_deref().unwrap_or("warn"))
+            .stdout(if log.is_some() { Stdio::inherit() } else { Stdio::null() })
             .stderr(Stdio::inherit());
         for (k, v) in env {
             command.env(k, v);

@@ -37,6 +37,7 @@ const BATCH_RETRY: RetryPolicy = RetryPolicy {
 
 /// An order waiting for its batch.
 pub(super) struct PendingOrder {
+    pub(super) queued_at: Instant,
     pub(super) request: OrderRequest,
     pub(super) recorder: Option<Recorder<Order>>,
     pub(super) reply: oneshot::Sender<Result<Order, DomainError>>,
@@ -80,6 +81,10 @@ impl Combiners {
             })),
         }
     }
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Sends `job` to `combiner` and waits for its batch's answer.
@@ -126,6 +131,9 @@ impl OrderService {
 
     /// Commits one batch of orders and answers each of them.
     pub(super) async fn place_batch(&self, batch: Vec<PendingOrder>) {
+        let started = Instant::now();
+        let size = batch.len();
+        let queued_us = batch.iter().map(|p| micros(started - p.queued_at)).max().unwrap_or(0);
         let batch = match self.validate_batch(batch).await {
             Ok(valid) if valid.is_empty() => return,
             Ok(valid) => valid,
@@ -136,6 +144,8 @@ impl OrderService {
                 return;
             }
         };
+        let valid = batch.len();
+        let validate_us = micros(started.elapsed());
         let lines: Vec<&[OrderLine]> = batch.iter().map(|v| v.pending.request.lines()).collect();
         let waited = Instant::now();
         let admission = match self.stock.acquire_batch(&lines).await {
@@ -161,7 +171,10 @@ impl OrderService {
                 }
             }
         }
+        let acquire_us = micros(waited.elapsed());
+        let committing = Instant::now();
         let outcomes = self.commit_orders_isolating(&admitted, &admission.permit).await;
+        let commit_us = micros(committing.elapsed());
         let taken: Vec<OrderLine> = admitted
             .iter()
             .zip(&outcomes)
@@ -180,6 +193,18 @@ impl OrderService {
             }
             let _ = valid.pending.reply.send(outcome);
         }
+        // Where a batch's time goes (the benchmark aggregates these): how long its oldest order queued, then
+        // validation, the strategy's protection, and the transaction.
+        tracing::debug!(
+            size,
+            valid,
+            queued_us,
+            validate_us,
+            acquire_us,
+            commit_us,
+            total_us = micros(started.elapsed()),
+            "order batch"
+        );
     }
 
     /// Validates and prices every order of the batch against two reads, answers the ones that cannot go on, and
@@ -288,6 +313,7 @@ impl OrderService {
         let now = self.clock.now();
         let lines: Vec<&[OrderLine]> = batch.iter().map(|v| v.pending.request.lines()).collect();
         let ids: Vec<ProductOptionId> = union_of(&lines).iter().map(|l| l.option_id).collect();
+        let began = Instant::now();
         let mut tx = self.uow.begin().await?;
         let rows = self.stock.claim(tx.as_mut(), &ids).await?;
         let mut left: BTreeMap<ProductOptionId, i64> = rows.iter().map(|r| (r.option_id, r.stock.get())).collect();
@@ -322,7 +348,15 @@ impl OrderService {
                 recorder.record_in(tx.as_mut(), &Ok(order.clone()), now).await?;
             }
         }
+        let statements_us = micros(began.elapsed());
+        let committing = Instant::now();
         tx.commit().await?;
+        tracing::debug!(
+            orders = winners.len(),
+            statements_us,
+            commit_us = micros(committing.elapsed()),
+            "order batch transaction"
+        );
         bump(&self.stats.order_batches, 1);
         let mut stored = orders.into_iter();
         Ok(verdicts

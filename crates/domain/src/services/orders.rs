@@ -126,7 +126,8 @@ impl OrderService {
             return self.create_alone(request, recorder).await;
         };
         let recorder = recorder.cloned();
-        batch::submit(placing, |reply| PendingOrder { request, recorder, reply }).await
+        batch::submit(placing, |reply| PendingOrder { queued_at: std::time::Instant::now(), request, recorder, reply })
+            .await
     }
 
     /// One order, one lock hold, one transaction: the path when combining is off.
