@@ -29,7 +29,7 @@ struct Cli {
     )]
     strategies: Vec<String>,
     /// Scenarios: 100x100, 1000x1000, 1000on100, 1000x1000x2 (two instances).
-    #[arg(long, value_delimiter = ',', default_value = "100x100,1000x1000,1000on100,1000x1000x2")]
+    #[arg(long, value_delimiter = ',', default_value = "100x100,1000x1000,1000on100,1000x1000x2,5000x5000,100seq")]
     scenarios: Vec<String>,
     /// Runs per cell; the median is reported.
     #[arg(long, default_value_t = 3)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::sync::Barrier;
+use tokio::sync::{Barrier, Semaphore};
 
 use crate::instances::{self, ADMIN_TOKEN, FreshDatabase};
 
@@ -18,24 +18,35 @@ pub struct Scenario {
     pub buyers: usize,
     pub stock: i64,
     pub instances: usize,
+    /// One buyer at a time (`100seq`): what a lone order costs, with combining on or off.
+    pub sequential: bool,
 }
 
 impl FromStr for Scenario {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("unknown scenario `{s}`: use BUYERSxSTOCK, BUYERSonSTOCK or BUYERSxSTOCKxINSTANCES");
+        let bad =
+            || format!("unknown scenario `{s}`: use BUYERSxSTOCK, BUYERSonSTOCK, BUYERSxSTOCKxINSTANCES or BUYERSseq");
+        if let Some(buyers) = s.strip_suffix("seq") {
+            let buyers: usize = buyers.parse().map_err(|_| bad())?;
+            let stock = i64::try_from(buyers).map_err(|_| bad())?;
+            return Ok(Self { buyers, stock, instances: 1, sequential: true });
+        }
         let parts: Vec<&str> = s.split(['x', 'o', 'n']).filter(|p| !p.is_empty()).collect();
         let num = |i: usize| parts.get(i).and_then(|p| p.parse::<usize>().ok()).ok_or_else(bad);
         let buyers = num(0)?;
         let stock = i64::try_from(num(1)?).map_err(|_| bad())?;
         let instances = if parts.len() > 2 { num(2)? } else { 1 };
-        Ok(Self { buyers, stock, instances })
+        Ok(Self { buyers, stock, instances, sequential: false })
     }
 }
 
 impl fmt::Display for Scenario {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.sequential {
+            return write!(f, "{} buyers one at a time", self.buyers);
+        }
         write!(f, "{} buyers / {} units", self.buyers, self.stock)?;
         if self.instances > 1 {
             write!(f, " / {} instances", self.instances)?;
@@ -183,11 +194,12 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
     // response until every buyer has one, so the client's pool ends up with one idle connection per buyer.
     let warmed = Arc::new(Barrier::new(buyers.len()));
     let barrier = Arc::new(Barrier::new(buyers.len() + 1));
+    let turns = Arc::new(Semaphore::new(if scenario.sequential { 1 } else { buyers.len() }));
     let tasks: Vec<_> = buyers
         .iter()
         .enumerate()
         .map(|(i, user)| {
-            let (client, warmed, barrier) = (client.clone(), warmed.clone(), barrier.clone());
+            let (client, warmed, barrier, turns) = (client.clone(), warmed.clone(), barrier.clone(), turns.clone());
             let instance = &servers.bases[i % servers.bases.len()];
             let (url, live) = (format!("{instance}/api/v1/orders"), format!("{instance}/health/live"));
             let body = json!({"userId": user, "items": [{"productOptionId": option, "quantity": 1}]});
@@ -198,6 +210,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
                     let _ = response.bytes().await;
                 }
                 barrier.wait().await;
+                let _turn = turns.acquire().await;
                 let sent = Instant::now();
                 let response = client.post(url).json(&body).send().await;
                 let status = response.as_ref().map_or(0, |r| r.status().as_u16());
