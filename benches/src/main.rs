@@ -28,7 +28,8 @@ struct Cli {
         default_value = "conditional,pessimistic,optimistic,local,redis-spin,redis-pubsub,redis-redlock"
     )]
     strategies: Vec<String>,
-    /// Scenarios: 100x100, 1000x1000, 1000on100, 1000x1000x2 (two instances).
+    /// Scenarios: 100x100, 1000x1000, 1000on100, 1000x1000x2 (two instances), 5000x5000 (sustained), 100seq (one
+    /// buyer at a time).
     #[arg(long, value_delimiter = ',', default_value = "100x100,1000x1000,1000on100,1000x1000x2,5000x5000,100seq")]
     scenarios: Vec<String>,
     /// Runs per cell; the median is reported.
