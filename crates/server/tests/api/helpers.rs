@@ -306,7 +306,8 @@ pub async fn race(apps: &[Arc<TestApp>], buyers: &[i64], items: impl Fn(usize) -
 }
 
 /// Runs each listed `async fn(TestApp)` with every stock strategy on every store that can serve it:
-/// PostgreSQL with all four, SQLite with all but `pessimistic` (which SQLite cannot serve).
+/// PostgreSQL with all five, SQLite with all but `pessimistic` (which SQLite cannot serve). `redis-optimistic`
+/// uses the Redis at 6379 (skipped without it, outside CI) under a key prefix of the test's own.
 #[macro_export]
 macro_rules! on_every_strategy {
     ($($case:ident),* $(,)?) => {$(
@@ -315,8 +316,13 @@ macro_rules! on_every_strategy {
             use shop_server::StockStrategyName as S;
 
             async fn run(store: Store, strategy: S) {
+                if strategy == S::RedisOptimistic && !$crate::redis_locks::redis_up().await {
+                    return;
+                }
                 if let Some(app) = TestApp::spawn_with(store, |s| {
                     s.stock_strategy = strategy;
+                    s.redis_url = Some($crate::redis_locks::REDIS.into());
+                    s.redis_key_prefix = $crate::redis_locks::prefix();
                     s.db_max_connections = 16;
                     // These races prove correctness; a loaded CI machine must not turn a slow lock into a 503.
                     s.lock_wait_ms = 60_000;
@@ -336,11 +342,15 @@ macro_rules! on_every_strategy {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres_local() { run(Store::Postgres, S::Local).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_redis_optimistic() { run(Store::Postgres, S::RedisOptimistic).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite_conditional() { run(Store::Sqlite, S::Conditional).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite_optimistic() { run(Store::Sqlite, S::Optimistic).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite_local() { run(Store::Sqlite, S::Local).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite_redis_optimistic() { run(Store::Sqlite, S::RedisOptimistic).await }
         }
     )*};
 }
