@@ -175,8 +175,11 @@ impl RedisOptimisticStock {
                 )));
             }
         }
-        let retry =
-            RetryPolicy { max_retries: settings.max_retries, base: Duration::from_millis(1), cap: Duration::from_millis(20) };
+        let retry = RetryPolicy {
+            max_retries: settings.max_retries,
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(20),
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
@@ -238,7 +241,8 @@ impl Inner {
         let union = union_of(&refs);
         let deadline = Instant::now() + self.wait;
         // Released when this task ends, after the EXEC: the turn covers the reservation, not the transaction.
-        let _turns = self.local.lock_all(&union, deadline).await.ok_or(DomainError::LockTimeout { retry_after_secs: 1 })?;
+        let _turns =
+            self.local.lock_all(&union, deadline).await.ok_or(DomainError::LockTimeout { retry_after_secs: 1 })?;
         let mut unknown: BTreeSet<ProductOptionId> = BTreeSet::new();
         let (mut aborts, mut loads) = (0, 0);
         loop {
@@ -246,7 +250,11 @@ impl Inner {
                 union.iter().map(|l| l.option_id).filter(|id| !unknown.contains(id)).collect();
             let attempt = if watched.is_empty() {
                 // Every option is unknown to the database: nothing to reserve, the transaction reports them.
-                Attempt::Done { hold: String::new(), take: BTreeMap::new(), verdicts: refs.iter().map(|_| Ok(())).collect() }
+                Attempt::Done {
+                    hold: String::new(),
+                    take: BTreeMap::new(),
+                    verdicts: refs.iter().map(|_| Ok(())).collect(),
+                }
             } else {
                 let client = self.pool.acquire().await;
                 self.attempt(&client, &watched, &refs).await?
