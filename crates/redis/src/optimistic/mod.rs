@@ -68,6 +68,7 @@ use shop_domain::money::Stock;
 use shop_domain::order::OrderLine;
 use shop_domain::ports::{OrderRepository, StockMirror, Transaction};
 use shop_domain::stock::{Admission, ConditionalStock, OptionLocks, RetryPolicy, StockPermit, StockStrategy, union_of};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 pub use mirror::{stock_holds_key, stock_mirror_key};
@@ -236,16 +237,28 @@ impl Inner {
     }
 
     /// Reserves what fits of `orders` (arrival order): the reservation and each order's verdict.
-    async fn reserve(self: Arc<Self>, orders: Vec<Vec<OrderLine>>) -> Result<(Reservation, Vec<Verdict>), DomainError> {
+    /// `waiter` closes when the request that asked is gone: the reservation then stops before its next attempt
+    /// (one already decided is still given back by its guard).
+    async fn reserve(
+        self: Arc<Self>,
+        orders: Vec<Vec<OrderLine>>,
+        mut waiter: oneshot::Receiver<()>,
+    ) -> Result<(Reservation, Vec<Verdict>), DomainError> {
         let refs: Vec<&[OrderLine]> = orders.iter().map(Vec::as_slice).collect();
         let union = union_of(&refs);
         let deadline = Instant::now() + self.wait;
+        let gone = || DomainError::unexpected("the request was cancelled");
         // Released when this task ends, after the EXEC: the turn covers the reservation, not the transaction.
-        let _turns =
-            self.local.lock_all(&union, deadline).await.ok_or(DomainError::LockTimeout { retry_after_secs: 1 })?;
+        let _turns = tokio::select! {
+            turns = self.local.lock_all(&union, deadline) => turns.ok_or(DomainError::LockTimeout { retry_after_secs: 1 })?,
+            _ = &mut waiter => return Err(gone()),
+        };
         let mut unknown: BTreeSet<ProductOptionId> = BTreeSet::new();
         let (mut aborts, mut loads) = (0, 0);
         loop {
+            if matches!(waiter.try_recv(), Err(oneshot::error::TryRecvError::Closed)) {
+                return Err(gone());
+            }
             let watched: Vec<ProductOptionId> =
                 union.iter().map(|l| l.option_id).filter(|id| !unknown.contains(id)).collect();
             let attempt = if watched.is_empty() {
@@ -444,9 +457,11 @@ impl StockStrategy for RedisOptimisticStock {
 
     async fn acquire_batch(&self, orders: &[&[OrderLine]]) -> Result<Admission, DomainError> {
         let owned: Vec<Vec<OrderLine>> = orders.iter().map(|lines| lines.to_vec()).collect();
-        // A task of its own: if the request is cancelled meanwhile, the reservation still completes and its
-        // guard, dropped with the task's output, gives the units back.
-        let task = tokio::spawn(self.inner.clone().reserve(owned));
+        // A task of its own: if the request is cancelled in the middle of an attempt, the attempt still
+        // completes and its guard, dropped with the task's output, gives the units back. `_waiting` tells the
+        // task, by closing, not to start another attempt for nobody.
+        let (_waiting, waiter) = oneshot::channel();
+        let task = tokio::spawn(self.inner.clone().reserve(owned, waiter));
         let (reservation, verdicts) = task.await.map_err(DomainError::unexpected)??;
         Ok(Admission { permit: StockPermit::holding(reservation), verdicts })
     }
