@@ -468,3 +468,45 @@ async fn an_empty_mirror_refuses_while_the_database_still_shows_the_unit() {
     stock_strategy.settle(permit, &[]).await;
     assert_eq!(order(&app, users[1], option, 1).await.status, 201, "given back, it sells");
 }
+
+/// A batch of orders in arrival order, in one WATCH/MULTI/EXEC: each order all its lines or none, the later
+/// ones getting what an earlier refused one left; settle gives back what the batch's transaction did not take
+/// (an admitted order that failed in it), summing the lines of one option over the committed orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_admitted_in_arrival_order_and_settled_by_what_it_committed() {
+    let Some(mut apps) = instances(1, REDIS, |_| {}).await else { return };
+    let app = apps.remove(0);
+    let redis = raw(REDIS).await;
+    let p = app.product("drop", &[("a", 1, 3), ("b", 1, 2)]).await;
+    let [a, b] = [0, 1].map(|i| p["options"][i]["id"].as_i64().unwrap());
+    let unknown = 999_999;
+    let stock_strategy = strategy(&app, 50).await;
+    let orders = [
+        vec![one(a, 1), one(b, 1)],
+        vec![one(a, 1), one(b, 2)], // b: 1 left, wants 2: refused whole, a's unit stays for later orders
+        vec![one(a, 2)],
+        vec![one(a, 1)], // a is gone by now
+        vec![one(b, 1), one(unknown, 1)],
+    ];
+    let refs: Vec<&[OrderLine]> = orders.iter().map(Vec::as_slice).collect();
+    let admission = stock_strategy.acquire_batch(&refs).await.unwrap();
+    let verdicts: Vec<Option<i64>> = admission
+        .verdicts
+        .iter()
+        .map(|v| match v {
+            Ok(()) => None,
+            Err(DomainError::OutOfStock { option_id }) => Some(option_id.get()),
+            Err(other) => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(verdicts, vec![None, Some(b), None, Some(a), None]);
+    assert_eq!((mirror(&redis, &app, a).await, mirror(&redis, &app, b).await), (Some(0), Some(0)));
+    assert_eq!(mirror(&redis, &app, unknown).await, None, "no mirror for an option the database does not have");
+    assert_eq!(holds(&redis, &app, a).await.len(), 1, "one hold per option for the whole batch");
+
+    // The batch's transaction committed orders 1 and 3; order 5 failed in it (its unknown option).
+    let taken: Vec<OrderLine> = [&orders[0], &orders[2]].into_iter().flatten().copied().collect();
+    stock_strategy.settle(admission.permit, &taken).await;
+    assert_eq!((mirror(&redis, &app, a).await, mirror(&redis, &app, b).await), (Some(0), Some(1)));
+    assert!(holds(&redis, &app, a).await.is_empty() && holds(&redis, &app, b).await.is_empty());
+}
