@@ -5,7 +5,7 @@
 //! # Reserving
 //! On one connection of its own (a small [`ExclusivePool`] of dedicated clients: on a multiplexed connection
 //! another task's commands would land between the WATCH and the EXEC), an order or a batch of orders WATCHes the
-//! mirror keys of all its options, reads them (MGET), decides in Rust who fits ([`allocate`]: arrival order,
+//! mirror keys of all its options, reads them (MGET), decides in Rust who fits (`allocate`: arrival order,
 //! each order all its lines or none), and runs MULTI / DECRBY per option / HSET of its hold per option / EXEC.
 //! An EXEC aborted because a watched key changed is retried after a full-jitter backoff, at most
 //! `SHOP_OPTIMISTIC_MAX_RETRIES` times, then 503 `LOCK_TIMEOUT`; an order that does not fit is 409
