@@ -25,7 +25,7 @@ struct Cli {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "conditional,pessimistic,optimistic,local,redis-spin,redis-pubsub,redis-redlock"
+        default_value = "conditional,pessimistic,optimistic,local,redis-spin,redis-pubsub,redis-redlock,redis-optimistic"
     )]
     strategies: Vec<String>,
     /// Scenarios: 100x100, 1000x1000, 1000on100, 1000x1000x2 (two instances), 5000x5000 (sustained), 100seq (one

@@ -406,3 +406,31 @@ pub trait Probe: Send + Sync {
     /// [`DomainError::Unexpected`] when the dependency does not answer.
     async fn ping(&self) -> Result<(), DomainError>;
 }
+
+/// Told, after the commit, when stock moved other than by an order taking it: an admin's count, or units that
+/// an expired or unpaid order gave back. A strategy that keeps a copy of the stock outside the database (the
+/// Redis mirror of `redis-optimistic`) updates its copy; every other strategy has none and uses
+/// [`NoStockMirror`].
+///
+/// Never fails the use case: the database has committed and stays the source of truth, and a copy that missed
+/// a notice is repaired by its own reconciliation. Implementations log what they could not do.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait StockMirror: Send + Sync {
+    /// The option's stock was set to `stock` (an admin's count).
+    async fn stock_set(&self, option_id: ProductOptionId, stock: Stock);
+
+    /// These units came back to stock (an order cancelled by expiry or by a failed payment).
+    async fn stock_returned(&self, lines: &[OrderLine]);
+}
+
+/// The mirror of every strategy that keeps no copy of the stock: ignores every notice.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoStockMirror;
+
+#[async_trait]
+impl StockMirror for NoStockMirror {
+    async fn stock_set(&self, _option_id: ProductOptionId, _stock: Stock) {}
+
+    async fn stock_returned(&self, _lines: &[OrderLine]) {}
+}

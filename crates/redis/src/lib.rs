@@ -1,7 +1,9 @@
-//! Redis distributed locks, and the stock strategy and readiness probe built on them.
+//! Redis distributed locks, the stock strategies built on them and on a Redis mirror of the stock, and the
+//! readiness probe.
 //!
 //! This crate owns everything the shop keeps in Redis: the lock keys (`{prefix}:lock:option:{id}`), their fence
-//! counters and release channels, and the Lua scripts that touch them. It depends on `shop-domain` (whose
+//! counters and release channels, the stock mirror of `redis-optimistic` (`{prefix}:stock:option:{id}` and its
+//! holds), and the Lua scripts that touch them. It depends on `shop-domain` (whose
 //! [`shop_domain::stock::StockStrategy`] and [`shop_domain::ports::Probe`] ports it implements) and on fred, never
 //! on the database, HTTP or the server crate.
 //!
@@ -14,12 +16,15 @@
 //! - [`pubsub`]: `redis-pubsub`, waiters sleep until a release message or the holder's TTL.
 //! - [`redlock`]: `redis-redlock`, a majority of independent nodes, with fences that survive a change of majority.
 //! - [`strategy`]: [`RedisLockStock`], the stock strategy over any of them.
+//! - [`optimistic`]: [`RedisOptimisticStock`], `redis-optimistic`: reservations in a Redis mirror of the stock
+//!   with WATCH/MULTI/EXEC, its give-back, loading and reconciliation.
 //! - [`probe`]: [`RedisProbe`], PING for `/health/ready`.
 //! - `scripts`: the Lua scripts (acquire, unlock, extend, raise-fence) and the keys they derive.
 //! - `node`: connecting a client with bounded timeouts; the single-node lease.
 
 pub mod lock;
 mod node;
+pub mod optimistic;
 pub mod probe;
 pub mod pubsub;
 pub mod redlock;
@@ -28,6 +33,7 @@ pub mod spin;
 pub mod strategy;
 
 pub use lock::{DistributedLock, LockError, LockGuard};
+pub use optimistic::{OptimisticSettings, ReconcileReport, RedisOptimisticStock};
 pub use probe::RedisProbe;
 pub use pubsub::PubSubLock;
 pub use redlock::Redlock;

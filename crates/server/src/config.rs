@@ -110,6 +110,9 @@ pub struct Settings {
     /// How often the sweeper looks for unpaid orders past the timeout.
     #[serde(with = "duration_text")]
     pub order_sweep_interval: Duration,
+    /// How often each instance compares the `redis-optimistic` stock mirror with the database and repairs drift.
+    #[serde(with = "duration_text")]
+    pub stock_reconcile_interval: Duration,
 }
 
 /// Durations as people write them: `250ms`, `90s`, `15m`, `1h`; a bare number is seconds.
@@ -172,6 +175,7 @@ impl fmt::Debug for Settings {
             .field("order_batch_max", &self.order_batch_max)
             .field("order_payment_timeout", &self.order_payment_timeout)
             .field("order_sweep_interval", &self.order_sweep_interval)
+            .field("stock_reconcile_interval", &self.stock_reconcile_interval)
             .finish()
     }
 }
@@ -241,6 +245,7 @@ impl Default for Settings {
             // The reference's timeout.
             order_payment_timeout: Duration::from_secs(15 * 60),
             order_sweep_interval: Duration::from_secs(30),
+            stock_reconcile_interval: Duration::from_secs(60),
         }
     }
 }
@@ -315,6 +320,12 @@ impl Settings {
         }
         if self.order_sweep_interval.is_zero() {
             return Err(ConfigError::Invalid { key: "SHOP_ORDER_SWEEP_INTERVAL", message: "must be positive".into() });
+        }
+        if self.stock_reconcile_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_STOCK_RECONCILE_INTERVAL",
+                message: "must be positive".into(),
+            });
         }
         if self.stock_strategy == StockStrategy::RedisRedlock {
             if ![3, 5].contains(&self.redlock_urls.len()) {
@@ -421,8 +432,14 @@ mod tests {
             assert_eq!(s.admin_token.as_deref(), Some("from-the-env"));
             jail.set_env("SHOP_ORDER_PAYMENT_TIMEOUT", "2m");
             jail.set_env("SHOP_ORDER_SWEEP_INTERVAL", "5");
+            jail.set_env("SHOP_STOCK_RECONCILE_INTERVAL", "90s");
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             assert_eq!((s.order_payment_timeout.as_secs(), s.order_sweep_interval.as_secs()), (120, 5));
+            assert_eq!(s.stock_reconcile_interval.as_secs(), 90);
+            jail.set_env("SHOP_STOCK_RECONCILE_INTERVAL", "0s");
+            let err = Settings::load(None).unwrap_err().to_string();
+            assert!(err.contains("SHOP_STOCK_RECONCILE_INTERVAL"), "{err}");
+            jail.set_env("SHOP_STOCK_RECONCILE_INTERVAL", "1m");
             jail.set_env("SHOP_REDLOCK_URLS", "redis://a:1, redis://b:2,redis://c:3");
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             assert_eq!(s.redlock_urls, vec!["redis://a:1", "redis://b:2", "redis://c:3"]);

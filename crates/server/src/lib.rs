@@ -17,7 +17,8 @@ use std::time::Duration;
 use actix_web::HttpServer;
 use actix_web::dev::{Server, ServerHandle};
 use sea_orm::DatabaseConnection;
-use shop_domain::ports::{Clock, Probe, SystemClock};
+use shop_domain::DomainError;
+use shop_domain::ports::{Clock, OrderRepository, Probe, StockMirror, SystemClock};
 use shop_domain::services::{CartService, CatalogService, IdempotencyService, OrderService, UserService};
 use shop_domain::stock::{
     ConditionalStock, LocalLockStock, OptimisticStock, PessimisticStock, RetryPolicy, StockStrategy,
@@ -35,7 +36,9 @@ const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 const IDEMPOTENCY_LEASE: Duration = Duration::from_secs(60);
 use tokio::task::JoinHandle;
 
-use shop_redis::{PubSubLock, RedisLockStock, Redlock, SpinLock};
+use shop_redis::{
+    OptimisticSettings, PubSubLock, ReconcileReport, RedisLockStock, RedisOptimisticStock, Redlock, SpinLock,
+};
 
 use crate::events::BroadcastPublisher;
 
@@ -54,6 +57,8 @@ pub enum StartupError {
     Serve(std::io::Error),
     #[error("{strategy} cannot reach Redis: {source}")]
     Redis { strategy: StockStrategyName, source: shop_redis::LockError },
+    #[error("reconciling the stock mirror failed: {0}")]
+    Reconcile(DomainError),
 }
 
 /// Opens the pool and applies pending migrations.
@@ -112,13 +117,16 @@ impl Application {
         }
         let events = BroadcastPublisher::new(1024);
         let mut background = vec![tokio::spawn(events::log_events(events.subscribe()))];
-        let state = wire(&settings, &db, clock, Arc::new(events)).await?;
+        let (state, mirror) = wire(&settings, &db, clock, Arc::new(events)).await?;
         background.push(tokio::spawn(sweep(
             state.orders.clone(),
             state.idempotency.clone(),
             settings.order_payment_timeout,
             settings.order_sweep_interval,
         )));
+        if let Some(mirror) = mirror {
+            background.push(tokio::spawn(reconcile_periodically(mirror, settings.stock_reconcile_interval)));
+        }
         let orders = state.orders.clone();
         let idempotency = state.idempotency.clone();
         let doc = shop_http::openapi();
@@ -184,53 +192,132 @@ impl Application {
     }
 }
 
-/// The stock strategy the settings name, and the probe of what it depends on beyond the database.
-async fn stock_strategy(settings: &Settings) -> Result<(Arc<dyn StockStrategy>, Option<Arc<dyn Probe>>), StartupError> {
+/// The stock strategy the settings name, the probe of what it depends on beyond the database, and its stock
+/// mirror when it keeps one (`redis-optimistic`).
+struct StockWiring {
+    strategy: Arc<dyn StockStrategy>,
+    probe: Option<Arc<dyn Probe>>,
+    mirror: Option<RedisOptimisticStock>,
+}
+
+impl StockWiring {
+    fn plain(strategy: Arc<dyn StockStrategy>) -> Self {
+        Self { strategy, probe: None, mirror: None }
+    }
+
+    fn redis(strategy: Arc<dyn StockStrategy>, probe: shop_redis::RedisProbe) -> Self {
+        Self { strategy, probe: Some(Arc::new(probe)), mirror: None }
+    }
+}
+
+/// The `redis-optimistic` strategy the settings describe; `levels` reads the database's stock.
+async fn redis_optimistic(
+    settings: &Settings,
+    levels: Arc<dyn OrderRepository>,
+) -> Result<RedisOptimisticStock, StartupError> {
+    let optimistic = OptimisticSettings {
+        prefix: settings.redis_key_prefix.clone(),
+        max_retries: settings.optimistic_max_retries,
+        wait: Duration::from_millis(settings.lock_wait_ms),
+    };
+    RedisOptimisticStock::connect(settings.redis_url.as_deref().unwrap_or_default(), levels, optimistic)
+        .await
+        .map_err(|source| StartupError::Redis { strategy: settings.stock_strategy, source })
+}
+
+async fn stock_strategy(settings: &Settings, levels: Arc<dyn OrderRepository>) -> Result<StockWiring, StartupError> {
     let wait = Duration::from_millis(settings.lock_wait_ms);
     let lease = Duration::from_millis(settings.lock_lease_ms);
     let redis_error = |source: shop_redis::LockError| StartupError::Redis { strategy: settings.stock_strategy, source };
     let redis_url = || settings.redis_url.clone().unwrap_or_default();
-    let strategy: Arc<dyn StockStrategy> = match settings.stock_strategy {
-        StockStrategyName::Conditional => Arc::new(ConditionalStock),
-        StockStrategyName::Pessimistic => Arc::new(PessimisticStock),
-        StockStrategyName::Optimistic => Arc::new(OptimisticStock::new(RetryPolicy {
+    let prefix = || settings.redis_key_prefix.clone();
+    Ok(match settings.stock_strategy {
+        StockStrategyName::Conditional => StockWiring::plain(Arc::new(ConditionalStock)),
+        StockStrategyName::Pessimistic => StockWiring::plain(Arc::new(PessimisticStock)),
+        StockStrategyName::Optimistic => StockWiring::plain(Arc::new(OptimisticStock::new(RetryPolicy {
             max_retries: settings.optimistic_max_retries,
             base: Duration::from_millis(2),
             cap: Duration::from_millis(100),
-        })),
+        }))),
         StockStrategyName::Local => {
             if !settings.is_sqlite() {
                 tracing::warn!("the local strategy locks within this process only: run one instance per database");
             }
-            Arc::new(LocalLockStock::new(wait))
+            StockWiring::plain(Arc::new(LocalLockStock::new(wait)))
         }
-        // Refused by `Settings::validate` until the Redis adapter exists.
         StockStrategyName::RedisSpin => {
             let lock = SpinLock::connect(&redis_url(), lease).await.map_err(redis_error)?;
-            let probe: Arc<dyn Probe> = Arc::new(lock.probe());
-            return Ok((Arc::new(RedisLockStock::new(lock, wait, settings.redis_key_prefix.clone())), Some(probe)));
+            let probe = lock.probe();
+            StockWiring::redis(Arc::new(RedisLockStock::new(lock, wait, prefix())), probe)
         }
         StockStrategyName::RedisPubsub => {
             let lock = PubSubLock::connect(&redis_url(), lease).await.map_err(redis_error)?;
-            let probe: Arc<dyn Probe> = Arc::new(lock.probe());
-            return Ok((Arc::new(RedisLockStock::new(lock, wait, settings.redis_key_prefix.clone())), Some(probe)));
+            let probe = lock.probe();
+            StockWiring::redis(Arc::new(RedisLockStock::new(lock, wait, prefix())), probe)
         }
         StockStrategyName::RedisRedlock => {
             let lock = Redlock::connect(&settings.redlock_urls, lease).await.map_err(redis_error)?;
-            let probe: Arc<dyn Probe> = Arc::new(lock.probe());
-            return Ok((Arc::new(RedisLockStock::new(lock, wait, settings.redis_key_prefix.clone())), Some(probe)));
+            let probe = lock.probe();
+            StockWiring::redis(Arc::new(RedisLockStock::new(lock, wait, prefix())), probe)
         }
         StockStrategyName::RedisOptimistic => {
-            return Err(ConfigError::Invalid {
-                key: "SHOP_STOCK_STRATEGY",
-                message: "redis-optimistic is not available in this version: use redis-spin, redis-pubsub, \
-                          redis-redlock or a database strategy"
-                    .into(),
-            }
-            .into());
+            let stock = redis_optimistic(settings, levels).await?;
+            let mut wiring = StockWiring::redis(Arc::new(stock.clone()), stock.probe());
+            wiring.mirror = Some(stock);
+            wiring
         }
-    };
-    Ok((strategy, None))
+    })
+}
+
+/// `shop-server reconcile`: compares the `redis-optimistic` stock mirror with the database once, repairs what
+/// drifted (each repair is also logged) and reports it.
+///
+/// # Errors
+/// [`StartupError::Config`] when the configured strategy keeps no mirror; [`StartupError::Database`] or
+/// [`StartupError::Redis`] when either cannot be reached; [`StartupError::Reconcile`] when a step failed.
+pub async fn reconcile(settings: &Settings) -> Result<ReconcileReport, StartupError> {
+    settings.validate()?;
+    if settings.stock_strategy != StockStrategyName::RedisOptimistic {
+        return Err(ConfigError::Invalid {
+            key: "SHOP_STOCK_STRATEGY",
+            message: format!(
+                "{} keeps no stock mirror to reconcile: reconcile applies to redis-optimistic",
+                settings.stock_strategy
+            ),
+        }
+        .into());
+    }
+    let pool =
+        PoolSettings { max_connections: 2, acquire_timeout: Duration::from_secs(settings.db_acquire_timeout_secs) };
+    let db = shop_persistence::connect(&settings.database_url, pool)
+        .await
+        .map_err(|source| StartupError::Database { url: config::redact_url(&settings.database_url), source })?;
+    let mirror = redis_optimistic(settings, Arc::new(SeaOrderRepository::new(db.clone()))).await?;
+    let report = mirror.reconcile().await.map_err(StartupError::Reconcile);
+    db.close().await.ok();
+    report
+}
+
+/// Every `interval`, for as long as the server runs: reconciles the stock mirror. Several instances may all
+/// run it: a repair is a watched transaction, and an option that moves meanwhile is left for the next run.
+async fn reconcile_periodically(mirror: RedisOptimisticStock, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate; a freshly started instance has nothing of its own to repair yet.
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        match mirror.reconcile().await {
+            Ok(report) if report.repairs.is_empty() && report.busy.is_empty() => {}
+            Ok(report) => tracing::info!(
+                checked = report.checked,
+                repaired = report.repairs.len(),
+                busy = report.busy.len(),
+                "reconciled the stock mirror"
+            ),
+            Err(e) => tracing::warn!(error = %e, "reconciling the stock mirror failed; it runs again next interval"),
+        }
+    }
 }
 
 /// Every `interval`, for as long as the server runs: cancels unpaid orders past the timeout and deletes expired
@@ -260,17 +347,21 @@ async fn wire(
     db: &DatabaseConnection,
     clock: Arc<dyn Clock>,
     events: Arc<BroadcastPublisher>,
-) -> Result<AppState, StartupError> {
-    let (stock, stock_probe) = stock_strategy(settings).await?;
+) -> Result<(AppState, Option<RedisOptimisticStock>), StartupError> {
+    let orders = Arc::new(SeaOrderRepository::new(db.clone()));
+    let StockWiring { strategy: stock, probe: stock_probe, mirror } = stock_strategy(settings, orders.clone()).await?;
+    let stock_mirror: Arc<dyn StockMirror> = match &mirror {
+        Some(mirror) => Arc::new(mirror.clone()),
+        None => Arc::new(shop_domain::ports::NoStockMirror),
+    };
     let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(DatabaseProbe::new(db.clone()))];
     probes.extend(stock_probe);
     let users = Arc::new(SeaUserRepository::new(db.clone()));
     let products = Arc::new(SeaProductRepository::new(db.clone()));
     let carts = Arc::new(SeaCartRepository::new(db.clone()));
-    let orders = Arc::new(SeaOrderRepository::new(db.clone()));
     let uow = Arc::new(SeaUnitOfWork::new(db.clone()));
     let idempotency = Arc::new(SeaIdempotencyStore::new(db.clone()));
-    Ok(AppState {
+    let state = AppState {
         users: UserService::new(users.clone(), uow.clone(), clock.clone()),
         idempotency: IdempotencyService::new(
             idempotency,
@@ -279,11 +370,13 @@ async fn wire(
             IDEMPOTENCY_TTL,
             IDEMPOTENCY_LEASE,
         ),
-        catalog: CatalogService::new(products, clock.clone()),
+        catalog: CatalogService::new(products, clock.clone()).with_stock_mirror(stock_mirror.clone()),
         orders: OrderService::new(uow.clone(), orders, users.clone(), stock, clock.clone(), events)
+            .with_stock_mirror(stock_mirror)
             .combining(settings.order_batch_max as usize),
         cart: CartService::new(carts, users, uow, clock),
         admin_token: settings.admin_token.as_deref().map(Arc::from),
         probes,
-    })
+    };
+    Ok((state, mirror))
 }

@@ -1,5 +1,5 @@
-//! `shop-server`: serves the API (default), applies migrations (`migrate`) or prints the OpenAPI document
-//! (`openapi`).
+//! `shop-server`: serves the API (default), applies migrations (`migrate`), prints the OpenAPI document
+//! (`openapi`) or reconciles the `redis-optimistic` stock mirror with the database (`reconcile`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +25,9 @@ enum Command {
     Migrate,
     /// Print the OpenAPI document (what `openapi/openapi.json` holds) and exit.
     Openapi,
+    /// Compare the redis-optimistic stock mirror with the database (stock minus reservations in flight),
+    /// repair what drifted, print what changed and exit.
+    Reconcile,
 }
 
 #[tokio::main]
@@ -48,6 +51,7 @@ async fn main() -> ExitCode {
         Command::Migrate => shop_server::connect_and_migrate(&settings).await.map(|_| {
             tracing::info!("migrations applied");
         }),
+        Command::Reconcile => shop_server::reconcile(&settings).await.map(|report| println!("{report}")),
         Command::Serve | Command::Openapi => match Application::build(settings).await {
             Ok(app) => app.run_until_stopped().await.map_err(shop_server::StartupError::Serve),
             Err(e) => Err(e),

@@ -489,6 +489,17 @@ impl OrderService {
         }
         tx.commit().await?;
         bump(&self.stats.payment_batches, 1);
+        // The cancelled orders' units are back in the database: the strategy's copy of the stock hears of them.
+        let returned: Vec<OrderLine> = batch
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| matches!(outcome, Err(DomainError::InsufficientBalance { .. })))
+            .filter_map(|(pending, _)| found.get(&pending.order_id))
+            .flat_map(Order::stock_lines)
+            .collect();
+        if !returned.is_empty() {
+            self.mirror.stock_returned(&returned).await;
+        }
         Ok(outcomes)
     }
 }

@@ -8,7 +8,7 @@ use crate::error::DomainError;
 use crate::ids::{ProductId, ProductOptionId};
 use crate::money::Stock;
 use crate::page::{Page, PageRequest};
-use crate::ports::{Clock, ProductRepository};
+use crate::ports::{Clock, NoStockMirror, ProductRepository, StockMirror};
 use crate::product::{NewProduct, Product, ProductOption};
 use crate::sales::{DateRange, PopularProduct, RankingLimit};
 
@@ -16,6 +16,7 @@ use crate::sales::{DateRange, PopularProduct, RankingLimit};
 pub struct CatalogService {
     products: Arc<dyn ProductRepository>,
     clock: Arc<dyn Clock>,
+    mirror: Arc<dyn StockMirror>,
 }
 
 impl std::fmt::Debug for CatalogService {
@@ -33,7 +34,15 @@ pub struct Ranking {
 
 impl CatalogService {
     pub fn new(products: Arc<dyn ProductRepository>, clock: Arc<dyn Clock>) -> Self {
-        Self { products, clock }
+        Self { products, clock, mirror: Arc::new(NoStockMirror) }
+    }
+
+    /// Tells `mirror` of every stock count an admin sets (after it is stored): the strategy's copy of the stock,
+    /// when it keeps one.
+    #[must_use]
+    pub fn with_stock_mirror(mut self, mirror: Arc<dyn StockMirror>) -> Self {
+        self.mirror = mirror;
+        self
     }
 
     /// # Errors
@@ -72,14 +81,17 @@ impl CatalogService {
     /// # Errors
     /// [`DomainError::ProductOptionNotFound`].
     pub async fn set_stock(&self, id: ProductOptionId, stock: Stock) -> Result<ProductOption, DomainError> {
-        self.products.set_stock(id, stock, self.clock.now()).await
+        let option = self.products.set_stock(id, stock, self.clock.now()).await?;
+        self.mirror.stock_set(id, option.stock).await;
+        Ok(option)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ports::{MockClock, MockProductRepository};
+    use crate::money::Money;
+    use crate::ports::{MockClock, MockProductRepository, MockStockMirror};
     use crate::product::{NewOption, ProductStatus};
     use chrono::{TimeZone, Utc};
     use mockall::predicate::eq;
@@ -149,13 +161,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn set_stock_of_an_unknown_option_is_not_found() {
+    async fn set_stock_of_an_unknown_option_is_not_found_and_tells_the_mirror_nothing() {
         let mut repo = MockProductRepository::new();
         repo.expect_set_stock().returning(|id, _, _| Err(DomainError::ProductOptionNotFound(id)));
+        let mut mirror = MockStockMirror::new();
+        mirror.expect_stock_set().never();
         let err = CatalogService::new(Arc::new(repo), clock())
+            .with_stock_mirror(Arc::new(mirror))
             .set_stock(ProductOptionId::new(4).unwrap(), Stock::new(1).unwrap())
             .await
             .unwrap_err();
         assert!(matches!(err, DomainError::ProductOptionNotFound(_)));
+    }
+
+    #[tokio::test]
+    async fn a_stored_stock_count_is_told_to_the_mirror() {
+        let option = ProductOptionId::new(4).unwrap();
+        let mut repo = MockProductRepository::new();
+        repo.expect_set_stock().returning(|id, stock, _| {
+            Ok(ProductOption { id, product_id: pid(1), name: "M".into(), price: Money::new(10).unwrap(), stock })
+        });
+        let mut mirror = MockStockMirror::new();
+        mirror
+            .expect_stock_set()
+            .withf(move |id, stock| *id == option && stock.get() == 25)
+            .times(1)
+            .returning(|_, _| ());
+        let stored = CatalogService::new(Arc::new(repo), clock())
+            .with_stock_mirror(Arc::new(mirror))
+            .set_stock(option, Stock::new(25).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(stored.stock.get(), 25);
     }
 }

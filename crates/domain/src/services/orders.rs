@@ -14,7 +14,10 @@ use crate::money::Quantity;
 use crate::order::{NewOrder, Order, OrderLine, OrderRequest, OrderStatus};
 use crate::page::{Page, PageRequest};
 use crate::payment::{Payment, PaymentStatus};
-use crate::ports::{Clock, DomainEvent, EventPublisher, OrderRepository, Transaction, UnitOfWork, UserRepository};
+use crate::ports::{
+    Clock, DomainEvent, EventPublisher, NoStockMirror, OrderRepository, StockMirror, Transaction, UnitOfWork,
+    UserRepository,
+};
 use crate::sales::DailySales;
 use crate::stock::{StockPermit, StockStrategy};
 
@@ -54,6 +57,7 @@ pub struct OrderService {
     pub(super) stock: Arc<dyn StockStrategy>,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) events: Arc<dyn EventPublisher>,
+    pub(super) mirror: Arc<dyn StockMirror>,
     combiners: Combiners,
 }
 
@@ -80,13 +84,23 @@ impl OrderService {
             stock,
             clock,
             events,
+            mirror: Arc::new(NoStockMirror),
             combiners: Combiners::default(),
         }
     }
 
+    /// Tells `mirror` of the stock that expired and unpaid orders give back (after the commit): the strategy's
+    /// copy of the stock, when it keeps one.
+    #[must_use]
+    pub fn with_stock_mirror(mut self, mirror: Arc<dyn StockMirror>) -> Self {
+        self.mirror = mirror;
+        self
+    }
+
     /// Combines orders, and payments, that arrive together: each batch of up to `max` takes the stock
     /// strategy's protection once and commits in one transaction (see [`super::batch`]). `max <= 1` leaves
-    /// combining off: one order per lock hold and per commit.
+    /// combining off: one order per lock hold and per commit. Call it last: the batch workers run on a copy of
+    /// the service as it is now.
     ///
     /// # Panics
     /// With `max > 1`, outside a tokio runtime (the batch workers are spawned on it).
@@ -317,13 +331,15 @@ impl OrderService {
             recorder.record_in(tx.as_mut(), &outcome, now).await?;
         }
         tx.commit().await?;
-        if let Ok(payment) = &outcome {
-            self.events.publish(DomainEvent::PaymentCompleted {
+        match &outcome {
+            Ok(payment) => self.events.publish(DomainEvent::PaymentCompleted {
                 payment_id: payment.id,
                 order_id,
                 user_id,
                 amount: payment.amount,
-            });
+            }),
+            Err(DomainError::InsufficientBalance { .. }) => self.mirror.stock_returned(&order.stock_lines()).await,
+            Err(_) => {}
         }
         outcome
     }
@@ -342,8 +358,11 @@ impl OrderService {
         loop {
             let mut tx = self.uow.begin().await?;
             let due = tx.overdue_orders(cutoff, batch).await?;
-            let claimed = expire_batch(tx.as_mut(), &due, now).await?;
+            let (claimed, given_back) = expire_batch(tx.as_mut(), &due, now).await?;
             tx.commit().await?;
+            if !given_back.is_empty() {
+                self.mirror.stock_returned(&given_back).await;
+            }
             cancelled += claimed;
             if (due.len() as u64) < batch {
                 return Ok(cancelled);
@@ -353,8 +372,13 @@ impl OrderService {
 }
 
 /// Cancels the orders of one batch that are still pending and gives back their stock, summed per option and in
-/// ascending option order (the order every stock writer locks in).
-async fn expire_batch(tx: &mut dyn Transaction, due: &[OrderId], now: DateTime<Utc>) -> Result<usize, DomainError> {
+/// ascending option order (the order every stock writer locks in). Returns how many it cancelled and the lines
+/// it gave back.
+async fn expire_batch(
+    tx: &mut dyn Transaction,
+    due: &[OrderId],
+    now: DateTime<Utc>,
+) -> Result<(usize, Vec<OrderLine>), DomainError> {
     let mut give_back: BTreeMap<ProductOptionId, i64> = BTreeMap::new();
     let mut claimed = 0;
     for id in due {
@@ -379,7 +403,7 @@ async fn expire_batch(tx: &mut dyn Transaction, due: &[OrderId], now: DateTime<U
         }
     }
     tx.restore_stock(&lines, now).await?;
-    Ok(claimed)
+    Ok((claimed, lines))
 }
 
 #[cfg(test)]
@@ -392,8 +416,8 @@ mod tests {
     use crate::order::{OrderItem, OrderableOption};
     use crate::payment::PaymentMethod;
     use crate::ports::{
-        MockClock, MockEventPublisher, MockOrderRepository, MockTransaction, MockUnitOfWork, MockUserRepository,
-        StockRow,
+        MockClock, MockEventPublisher, MockOrderRepository, MockStockMirror, MockTransaction, MockUnitOfWork,
+        MockUserRepository, StockRow,
     };
     use crate::product::{ProductOption, ProductStatus};
     use crate::stock::{ConditionalStock, OptimisticStock, RetryPolicy};
@@ -688,7 +712,13 @@ mod tests {
             .returning(|_, _, _| Ok(()));
         tx.expect_commit().times(1).in_sequence(&mut seq).returning(|| Ok(()));
         let (events, seen) = events(1);
-        let payment = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), uid(), None).await.unwrap();
+        let mut mirror = MockStockMirror::new();
+        mirror.expect_stock_returned().never();
+        let payment = service(vec![tx], Arc::new(ConditionalStock), events)
+            .with_stock_mirror(Arc::new(mirror))
+            .pay(order_id(), uid(), None)
+            .await
+            .unwrap();
         assert_eq!((payment.status, payment.amount.won()), (PaymentStatus::Completed, 3000));
         assert!(payment.paid_at.is_some());
         assert!(matches!(seen.lock().unwrap()[0], DomainEvent::PaymentCompleted { .. }));
@@ -712,9 +742,22 @@ mod tests {
             .times(1)
             .returning(|_, _| Ok(()));
         tx.expect_add_daily_sales().never();
-        tx.expect_commit().times(1).returning(|| Ok(()));
+        // The mirror hears of the units only once they are back in the database.
+        let mut seq = mockall::Sequence::new();
+        tx.expect_commit().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+        let mut mirror = MockStockMirror::new();
+        mirror
+            .expect_stock_returned()
+            .withf(|lines| lines.len() == 1 && lines[0].option_id == oid(1) && lines[0].quantity.get() == 2)
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_| ());
         let (events, _) = events(0);
-        let err = service(vec![tx], Arc::new(ConditionalStock), events).pay(order_id(), uid(), None).await.unwrap_err();
+        let err = service(vec![tx], Arc::new(ConditionalStock), events)
+            .with_stock_mirror(Arc::new(mirror))
+            .pay(order_id(), uid(), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, DomainError::InsufficientBalance { balance, required }
             if balance.won() == 500 && required.won() == 2000));
     }
@@ -767,9 +810,18 @@ mod tests {
             .withf(|lines, _| lines.len() == 1 && lines[0].quantity.get() == 4)
             .times(1)
             .returning(|_, _| Ok(()));
-        tx.expect_commit().times(1).returning(|| Ok(()));
+        let mut seq = mockall::Sequence::new();
+        tx.expect_commit().times(1).in_sequence(&mut seq).returning(|| Ok(()));
+        let mut mirror = MockStockMirror::new();
+        mirror
+            .expect_stock_returned()
+            .withf(|lines| lines.len() == 1 && lines[0].quantity.get() == 4)
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_| ());
         let (events, _) = events(0);
         let cancelled = service(vec![tx], Arc::new(ConditionalStock), events)
+            .with_stock_mirror(Arc::new(mirror))
             .expire_overdue(Duration::from_secs(900), 10)
             .await
             .unwrap();

@@ -15,9 +15,9 @@ pub mod local;
 pub mod optimistic;
 pub mod pessimistic;
 
-use std::time::Duration;
-
+use std::any::Any;
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -38,7 +38,7 @@ pub use pessimistic::PessimisticStock;
 /// releases them), and the fencing token each lock was granted with.
 #[derive(Default)]
 pub struct StockPermit {
-    guard: Option<Box<dyn Send + Sync>>,
+    guard: Option<Box<dyn Any + Send + Sync>>,
     fences: BTreeMap<ProductOptionId, u64>,
 }
 
@@ -56,6 +56,20 @@ impl StockPermit {
     /// from a holder whose lock has already passed to someone newer.
     pub fn fenced(guard: impl Send + Sync + 'static, fences: BTreeMap<ProductOptionId, u64>) -> Self {
         Self { guard: Some(Box::new(guard)), fences }
+    }
+
+    /// The guard this permit holds, taken back out if it is a `T`: how a strategy's
+    /// [`StockStrategy::settle`] finds what its own [`StockStrategy::acquire`] put in (a reservation to give
+    /// back). Any other permit is returned unchanged.
+    ///
+    /// # Errors
+    /// The permit itself when it holds nothing or something else than a `T`.
+    pub fn into_guard<T: Any>(self) -> Result<T, Self> {
+        match self.guard.map(|guard| guard.downcast::<T>()) {
+            Some(Ok(guard)) => Ok(*guard),
+            Some(Err(other)) => Err(Self { guard: Some(other), fences: self.fences }),
+            None => Err(Self { guard: None, fences: self.fences }),
+        }
     }
 
     /// Whether this permit holds locks taken outside the database.
@@ -282,6 +296,15 @@ mod tests {
         tx.expect_decrement_stock_fenced().never();
         let err = take_fenced(&mut tx, &[line(1)], &StockPermit::none(), Utc::now()).await.unwrap_err();
         assert!(matches!(err, DomainError::Unexpected(_)));
+    }
+
+    #[test]
+    fn a_permit_gives_its_guard_back_only_as_its_own_type() {
+        let permit = StockPermit::holding(41_u32);
+        let permit = permit.into_guard::<String>().unwrap_err();
+        assert!(permit.is_held(), "a foreign type leaves the guard in place");
+        assert_eq!(permit.into_guard::<u32>().unwrap(), 41);
+        assert!(StockPermit::none().into_guard::<u32>().is_err());
     }
 
     #[test]

@@ -360,8 +360,9 @@ pub async fn races_over_instances(apps: &[Arc<TestApp>], label: &str) -> Vec<i64
 }
 
 /// Runs each listed `async fn(TestApp)` with every stock strategy on every store that can serve it
-/// (PostgreSQL with all four, SQLite with all but `pessimistic`, which SQLite cannot serve), once with orders
+/// (PostgreSQL with all five, SQLite with all but `pessimistic`, which SQLite cannot serve), once with orders
 /// combined into batches (the default) and once one by one (`SHOP_ORDER_BATCH_MAX=1`, the `_one_by_one` tests).
+/// `redis-optimistic` uses the Redis at 6379 (skipped without it, outside CI) under a key prefix of the test's own.
 #[macro_export]
 macro_rules! on_every_strategy {
     ($($case:ident),* $(,)?) => {$(
@@ -370,9 +371,14 @@ macro_rules! on_every_strategy {
             use shop_server::StockStrategyName as S;
 
             async fn run(store: Store, strategy: S, batch: u32) {
+                if strategy == S::RedisOptimistic && !$crate::redis_locks::redis_up().await {
+                    return;
+                }
                 if let Some(app) = TestApp::spawn_with(store, |s| {
                     s.stock_strategy = strategy;
                     s.order_batch_max = batch;
+                    s.redis_url = Some($crate::redis_locks::REDIS.into());
+                    s.redis_key_prefix = $crate::redis_locks::prefix();
                     s.db_max_connections = 16;
                     // These races prove correctness; a loaded CI machine must not turn a slow lock into a 503.
                     s.lock_wait_ms = 60_000;
@@ -388,9 +394,11 @@ macro_rules! on_every_strategy {
                 postgres_optimistic, postgres_optimistic_one_by_one: Postgres, Optimistic;
                 postgres_pessimistic, postgres_pessimistic_one_by_one: Postgres, Pessimistic;
                 postgres_local, postgres_local_one_by_one: Postgres, Local;
+                postgres_redis_optimistic, postgres_redis_optimistic_one_by_one: Postgres, RedisOptimistic;
                 sqlite_conditional, sqlite_conditional_one_by_one: Sqlite, Conditional;
                 sqlite_optimistic, sqlite_optimistic_one_by_one: Sqlite, Optimistic;
                 sqlite_local, sqlite_local_one_by_one: Sqlite, Local;
+                sqlite_redis_optimistic, sqlite_redis_optimistic_one_by_one: Sqlite, RedisOptimistic;
             );
         }
     )*};

@@ -12,4 +12,5 @@ mod operations;
 mod orders;
 mod products;
 mod redis_locks;
+mod redis_optimistic;
 mod users;

@@ -1,6 +1,7 @@
-//! The Redis lock strategies in the application: order races over two instances sharing PostgreSQL and Redis
-//! (Redlock over three redis-server nodes started here), the fence refusing a holder paused past its lease, a
-//! lock wait that runs out, and readiness.
+//! The Redis strategies in the application: order races over two instances sharing PostgreSQL and Redis
+//! (Redlock over three redis-server nodes started here; `redis-optimistic` too, whose own tests are in
+//! `redis_optimistic`), the fence refusing a holder paused past its lease, a lock wait that runs out, and
+//! readiness.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -22,10 +23,10 @@ use shop_server::StockStrategyName;
 
 use crate::helpers::{Store, TestApp, races_over_instances};
 
-const REDIS: &str = "redis://127.0.0.1:6379";
+pub(crate) const REDIS: &str = "redis://127.0.0.1:6379";
 
 /// Redis at 6379, or a skip (a failure in CI).
-async fn redis_up() -> bool {
+pub(crate) async fn redis_up() -> bool {
     let up = tokio::net::TcpStream::connect("127.0.0.1:6379").await.is_ok();
     if !up {
         assert!(std::env::var_os("CI").is_none(), "Redis is required in CI and is not reachable at {REDIS}");
@@ -34,14 +35,14 @@ async fn redis_up() -> bool {
     up
 }
 
-/// Three throwaway redis-server processes for Redlock, killed when dropped.
-struct RedisNodes {
+/// Throwaway redis-server processes (Redlock's nodes, a server a test may flush), killed when dropped.
+pub(crate) struct RedisNodes {
     children: Vec<Child>,
-    urls: Vec<String>,
+    pub(crate) urls: Vec<String>,
 }
 
 impl RedisNodes {
-    async fn start(n: usize) -> Self {
+    pub(crate) async fn start(n: usize) -> Self {
         let mut nodes = Self { children: Vec::new(), urls: Vec::new() };
         for _ in 0..n {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -75,7 +76,7 @@ impl Drop for RedisNodes {
 }
 
 /// A key namespace of this test's own: every test database numbers its options from 1.
-fn prefix() -> String {
+pub(crate) fn prefix() -> String {
     format!("test-{}", uuid::Uuid::new_v4().simple())
 }
 
@@ -134,6 +135,16 @@ async fn redis_pubsub_orders_race_over_two_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_pubsub_orders_race_over_two_instances_one_by_one() {
     races_hold_over_two_instances(StockStrategyName::RedisPubsub, None, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_optimistic_orders_race_over_two_instances() {
+    races_hold_over_two_instances(StockStrategyName::RedisOptimistic, None, 128).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_optimistic_orders_race_over_two_instances_one_by_one() {
+    races_hold_over_two_instances(StockStrategyName::RedisOptimistic, None, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
