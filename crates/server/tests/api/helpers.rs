@@ -159,7 +159,14 @@ impl TestApp {
         let idempotency = app.idempotency();
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
+        // The server closes a keep-alive connection after 5 s idle (actix's default); a client that reuses one
+        // just then gets `IncompleteMessage`. Races leave hundreds of connections idle between their phases,
+        // so the client lets go of its idle connections well before the server does.
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(2))
+            .build()
+            .expect("client");
         Self { base, client, db, store, orders, idempotency, strategy, settings, handle, _backing: backing }
     }
 
