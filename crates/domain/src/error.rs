@@ -29,7 +29,8 @@ impl fmt::Display for InvalidValue {
 impl std::error::Error for InvalidValue {}
 
 /// Every outcome of a use case other than success. Expected outcomes are variants a client can branch on;
-/// [`DomainError::Unexpected`] carries the cause of everything else (a store that is down, a bug).
+/// [`DomainError::Unavailable`] is a dependency that is down or saturated, or load this instance sheds (the client
+/// may retry); [`DomainError::Unexpected`] carries the cause of everything else: a bug.
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {
     #[error(transparent)]
@@ -70,6 +71,10 @@ pub enum DomainError {
     IdempotencyKeyReused,
     #[error("the first request with this Idempotency-Key is still running")]
     IdempotencyKeyInUse,
+    /// A dependency is down or saturated (a database or Redis that does not answer, a pool or queue that is
+    /// full): nothing was done, and the client may retry after `retry_after_secs`.
+    #[error("service unavailable: {cause}")]
+    Unavailable { cause: Box<dyn std::error::Error + Send + Sync>, retry_after_secs: u32 },
     #[error("unexpected failure: {0}")]
     Unexpected(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -80,8 +85,13 @@ impl DomainError {
         Self::Unexpected(cause.into())
     }
 
+    /// A dependency that is down or saturated, or load shed: 503 with `Retry-After: 1`.
+    pub fn unavailable(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unavailable { cause: cause.into(), retry_after_secs: 1 }
+    }
+
     /// The same outcome again, for a failure that several requests share (a batch's lock timeout): every
-    /// variant is copied, an [`DomainError::Unexpected`] cause as its message.
+    /// variant is copied, a cause as its message.
     #[must_use]
     pub fn replicate(&self) -> Self {
         match self {
@@ -106,6 +116,9 @@ impl DomainError {
             Self::WriteConflict => Self::WriteConflict,
             Self::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             Self::IdempotencyKeyInUse => Self::IdempotencyKeyInUse,
+            Self::Unavailable { cause, retry_after_secs } => {
+                Self::Unavailable { cause: cause.to_string().into(), retry_after_secs: *retry_after_secs }
+            }
             Self::Unexpected(cause) => Self::Unexpected(cause.to_string().into()),
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::error::{DomainError, InvalidValue};
 use crate::ids::UserId;
-use crate::ports::Transaction;
+use crate::ports::IdempotencyTx;
 
 /// A client's `Idempotency-Key`: 1..=255 printable ASCII characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -111,7 +111,7 @@ impl<T> Recorder<T> {
     /// and another request took the key over): the caller's transaction must then roll back.
     pub async fn record_in(
         &self,
-        tx: &mut dyn Transaction,
+        tx: &mut dyn IdempotencyTx,
         outcome: &Result<T, DomainError>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), DomainError> {

@@ -8,9 +8,10 @@
 //! - [`idempotency`]: Idempotency-Key claims and the responses they replay.
 //! - [`page`]: paging of lists.
 //! - [`error`]: [`DomainError`], the one error type of every use case.
-//! - [`ports`]: repositories, the unit of work, clock, events, probes.
-//! - [`services`]: the use cases.
-//! - [`stock`]: the stock strategies order creation is configured with.
+//! - [`ports`]: repositories, the unit of work and the roles of a transaction, the stock strategy port, clock,
+//!   events, probes.
+//! - [`services`]: the use cases, and the lanes that combine orders and payments into batches.
+//! - [`stock`]: the allocation rule and the stock strategies order batches are configured with.
 
 pub mod cart;
 pub mod error;

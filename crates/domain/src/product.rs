@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use crate::error::{DomainError, InvalidValue};
 use crate::ids::{ProductId, ProductOptionId};
-use crate::money::{Money, Quantity, Stock};
+use crate::money::{Money, Stock};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProductStatus {
@@ -50,18 +50,6 @@ pub struct ProductOption {
     pub name: String,
     pub price: Money,
     pub stock: Stock,
-}
-
-impl ProductOption {
-    /// Takes `quantity` units out of stock.
-    ///
-    /// # Errors
-    /// [`DomainError::OutOfStock`] when fewer units are left; the stock is then unchanged.
-    pub fn take(&mut self, quantity: Quantity) -> Result<Stock, DomainError> {
-        let left = self.stock.checked_take(quantity).ok_or(DomainError::OutOfStock { option_id: self.id })?;
-        self.stock = left;
-        Ok(left)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,26 +165,6 @@ impl NewProduct {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn option(stock: i64) -> ProductOption {
-        ProductOption {
-            id: ProductOptionId::new(7).unwrap(),
-            product_id: ProductId::new(1).unwrap(),
-            name: "L".into(),
-            price: Money::new(1000).unwrap(),
-            stock: Stock::new(stock).unwrap(),
-        }
-    }
-
-    #[test]
-    fn take_removes_units_and_refuses_more_than_left() {
-        let mut o = option(3);
-        assert_eq!(o.take(Quantity::new(2).unwrap()).unwrap().get(), 1);
-        let err = o.take(Quantity::new(2).unwrap()).unwrap_err();
-        assert!(matches!(err, DomainError::OutOfStock { option_id } if option_id.get() == 7));
-        assert_eq!(o.stock.get(), 1, "a refused take changes nothing");
-        assert_eq!(o.take(Quantity::new(1).unwrap()).unwrap().get(), 0);
-    }
 
     #[test]
     fn only_active_products_are_on_sale() {

@@ -4,12 +4,14 @@
 //! converted to domain values at the edge, where a bad value becomes a 400 problem.
 //!
 //! - [`problem`]: [`ApiError`] and the one table from error to status and `code`.
+//! - [`connection`]: whether a request's client is still connected (for requests that wait in a queue).
 //! - [`extract`]: the JSON body extractor that names the field at fault, and the admin token check.
 //! - [`request_id`]: `x-request-id` and the per-request tracing span.
 //! - [`idempotency`]: the `Idempotency-Key` header: claim, replay, settle.
 //! - [`routes`]: one module per resource.
 //! - [`openapi()`]: the OpenAPI 3.1 document, built from the same registrations that serve the routes.
 
+pub mod connection;
 pub mod extract;
 pub mod idempotency;
 pub mod problem;

@@ -171,6 +171,7 @@ fn domain_entry(error: &DomainError) -> Entry {
             entry(StatusCode::UNPROCESSABLE_ENTITY, "IDEMPOTENCY_KEY_REUSED", "Idempotency key reused")
         }
         D::IdempotencyKeyInUse => entry(StatusCode::CONFLICT, "IDEMPOTENCY_KEY_IN_USE", "Idempotency key in use"),
+        D::Unavailable { .. } => entry(StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", "Service unavailable"),
         D::Unexpected(_) => entry(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", "Internal server error"),
     }
 }
@@ -186,6 +187,9 @@ pub fn domain_problem(error: &DomainError) -> Problem {
     let Entry { status, code, title } = domain_entry(error);
     let detail = match error {
         DomainError::Unexpected(_) => "the server failed to handle this request".to_owned(),
+        DomainError::Unavailable { .. } => {
+            "the service cannot take this request now; nothing was done, retry after Retry-After seconds".to_owned()
+        }
         other => other.to_string(),
     };
     let field = match error {
@@ -265,7 +269,14 @@ impl ResponseError for ApiError {
         }
         let mut response = HttpResponse::build(self.status_code());
         response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
-        if let Self::Domain(DomainError::LockTimeout { retry_after_secs }) = self {
+        if let Self::Domain(DomainError::Unavailable { cause, .. }) = self {
+            // Load shed or a dependency down: worth an operator's eye, not a bug's alarm.
+            tracing::warn!(cause = %cause, "answered 503");
+        }
+        if let Self::Domain(
+            DomainError::LockTimeout { retry_after_secs } | DomainError::Unavailable { retry_after_secs, .. },
+        ) = self
+        {
             response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
         }
         if let Self::Domain(DomainError::WriteConflict | DomainError::StaleLock { .. }) = self {
@@ -318,6 +329,17 @@ mod tests {
         let p = e.problem();
         assert_eq!((p.status, p.code), (500, "INTERNAL_ERROR"));
         assert!(!p.detail.contains("hunter2"));
+    }
+
+    #[test]
+    fn unavailable_is_503_with_retry_after_and_hides_its_cause() {
+        let e = ApiError::from(DomainError::unavailable("pool timed out on db-3:5432"));
+        let r = e.error_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers().get(header::RETRY_AFTER).unwrap(), "1");
+        let p = e.problem();
+        assert_eq!(p.code, "SERVICE_UNAVAILABLE");
+        assert!(!p.detail.contains("db-3"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use shop_domain::money::Money;
 use shop_domain::ports::CartRepository;
 
 use crate::entity::{cart, product, product_option};
-use crate::error::db;
+use crate::error::{Stored, db};
 
 #[derive(Debug, Clone)]
 pub struct SeaCartRepository {
@@ -61,13 +61,13 @@ pub(crate) async fn cart_lines<C: ConnectionTrait>(
     rows.into_iter()
         .map(|(id, user, option, product, product_name, option_name, price, quantity)| {
             Ok(CartItem {
-                id: CartItemId::new(id)?,
-                user_id: UserId::new(user)?,
-                product_option_id: ProductOptionId::new(option)?,
-                product_id: ProductId::new(product)?,
+                id: CartItemId::new(id).stored()?,
+                user_id: UserId::new(user).stored()?,
+                product_option_id: ProductOptionId::new(option).stored()?,
+                product_id: ProductId::new(product).stored()?,
                 product_name,
                 option_name,
-                price: Money::new(price)?,
+                price: Money::new(price).stored()?,
                 quantity,
             })
         })

@@ -67,7 +67,7 @@ pub async fn migrate(db: &DatabaseConnection, url: &str) -> Result<(), DbErr> {
     migrated
 }
 
-/// Whether the store can lock rows (`SELECT ... FOR UPDATE`): PostgreSQL can, SQLite silently cannot.
+/// Whether the store can lock rows (`SELECT ... FOR NO KEY UPDATE`): PostgreSQL can, SQLite silently cannot.
 #[must_use]
 pub fn supports_row_locks(db: &DatabaseConnection) -> bool {
     matches!(db.get_database_backend(), DbBackend::Postgres)

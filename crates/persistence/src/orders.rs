@@ -15,7 +15,7 @@ use shop_domain::payment::Payment;
 use shop_domain::ports::{OrderRepository, StockRow};
 
 use crate::entity::{order, order_item, payment, product, product_option};
-use crate::error::db;
+use crate::error::{Stored, db};
 use crate::products::to_option;
 
 #[derive(Debug, Clone)]
@@ -32,24 +32,24 @@ impl SeaOrderRepository {
 
 pub(crate) fn to_item(m: order_item::Model) -> Result<OrderItem, DomainError> {
     Ok(OrderItem {
-        product_id: ProductId::new(m.product_id)?,
-        product_option_id: ProductOptionId::new(m.product_option_id)?,
+        product_id: ProductId::new(m.product_id).stored()?,
+        product_option_id: ProductOptionId::new(m.product_option_id).stored()?,
         product_name: m.product_name,
         option_name: m.option_name,
-        quantity: Quantity::new(m.quantity)?,
-        unit_price: Money::new(m.unit_price)?,
-        total_price: Money::new(m.total_price_at_order)?,
+        quantity: Quantity::new(m.quantity).stored()?,
+        unit_price: Money::new(m.unit_price).stored()?,
+        total_price: Money::new(m.total_price_at_order).stored()?,
     })
 }
 
 pub(crate) fn to_payment(m: payment::Model) -> Result<Payment, DomainError> {
     Ok(Payment {
-        id: PaymentId::new(m.id)?,
-        order_id: OrderId::new(m.order_id)?,
-        user_id: UserId::new(m.user_id)?,
-        status: m.status.parse()?,
-        method: m.method.parse()?,
-        amount: Money::new(m.amount)?,
+        id: PaymentId::new(m.id).stored()?,
+        order_id: OrderId::new(m.order_id).stored()?,
+        user_id: UserId::new(m.user_id).stored()?,
+        status: m.status.parse().stored()?,
+        method: m.method.parse().stored()?,
+        amount: Money::new(m.amount).stored()?,
         paid_at: m.paid_at,
     })
 }
@@ -85,10 +85,10 @@ pub(crate) async fn load_orders<C: ConnectionTrait>(
                 .remove(&o.id)
                 .ok_or_else(|| DomainError::unexpected(format!("order {} has no payment", o.id)))?;
             Ok(Order {
-                id: OrderId::new(o.id)?,
-                user_id: UserId::new(o.user_id)?,
-                status: o.status.parse()?,
-                total_price: Money::new(o.total_price)?,
+                id: OrderId::new(o.id).stored()?,
+                user_id: UserId::new(o.user_id).stored()?,
+                status: o.status.parse().stored()?,
+                total_price: Money::new(o.total_price).stored()?,
                 ordered_at: o.ordered_at,
                 items: items.remove(&o.id).unwrap_or_default(),
                 payment,
@@ -116,7 +116,7 @@ pub(crate) async fn orderable_options<C: ConnectionTrait>(
             Ok(OrderableOption {
                 option: to_option(option)?,
                 product_name: product.name,
-                product_status: product.status.parse()?,
+                product_status: product.status.parse().stored()?,
             })
         })
         .collect()
@@ -170,7 +170,11 @@ impl OrderRepository for SeaOrderRepository {
             .map_err(db)?;
         rows.into_iter()
             .map(|(id, stock, version)| {
-                Ok(StockRow { option_id: ProductOptionId::new(id)?, stock: Stock::new(stock)?, version })
+                Ok(StockRow {
+                    option_id: ProductOptionId::new(id).stored()?,
+                    stock: Stock::new(stock).stored()?,
+                    version,
+                })
             })
             .collect()
     }

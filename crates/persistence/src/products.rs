@@ -18,7 +18,7 @@ use shop_domain::product::{NewProduct, Product, ProductOption};
 use shop_domain::sales::{DateRange, PopularProduct, RankingLimit};
 
 use crate::entity::{daily_popular_product as daily, product, product_option};
-use crate::error::db;
+use crate::error::{Stored, db};
 
 #[derive(Debug, Clone)]
 pub struct SeaProductRepository {
@@ -51,16 +51,16 @@ impl SeaProductRepository {
 
 pub(crate) fn to_option(m: product_option::Model) -> Result<ProductOption, DomainError> {
     Ok(ProductOption {
-        id: ProductOptionId::new(m.id)?,
-        product_id: ProductId::new(m.product_id)?,
+        id: ProductOptionId::new(m.id).stored()?,
+        product_id: ProductId::new(m.product_id).stored()?,
         name: m.name,
-        price: Money::new(m.price)?,
-        stock: Stock::new(m.stock)?,
+        price: Money::new(m.price).stored()?,
+        stock: Stock::new(m.stock).stored()?,
     })
 }
 
 fn to_product(m: product::Model, options: Vec<ProductOption>) -> Result<Product, DomainError> {
-    Ok(Product { id: ProductId::new(m.id)?, name: m.name, status: m.status.parse()?, options })
+    Ok(Product { id: ProductId::new(m.id).stored()?, name: m.name, status: m.status.parse().stored()?, options })
 }
 
 #[async_trait]
@@ -188,7 +188,7 @@ impl ProductRepository for SeaProductRepository {
         rows.into_iter()
             .zip(1..)
             .map(|((product_id, name, total_sold), rank)| {
-                Ok(PopularProduct { rank, product_id: ProductId::new(product_id)?, name, total_sold })
+                Ok(PopularProduct { rank, product_id: ProductId::new(product_id).stored()?, name, total_sold })
             })
             .collect()
     }

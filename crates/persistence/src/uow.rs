@@ -1,31 +1,34 @@
 //! [`UnitOfWork`] and [`Transaction`] on a SeaORM database transaction.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Condition, Expr, ExprTrait, OnConflict};
 use sea_orm::sea_query::{LockBehavior, LockType};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, SqliteTransactionMode, Statement, TransactionOptions,
-    TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, Set, SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
 };
 use shop_domain::DomainError;
 use shop_domain::cart::CartItem;
 use shop_domain::idempotency::{IdempotencyClaim, StoredResponse};
 use shop_domain::ids::{OrderId, PaymentId, ProductOptionId, UserId};
 use shop_domain::money::{Money, Quantity, Stock};
-use shop_domain::order::{NewOrder, Order, OrderItem, OrderLine, OrderStatus, OrderableOption};
+use shop_domain::order::{NewOrder, Order, OrderItem, OrderStatus};
 use shop_domain::payment::{Payment, PaymentMethod, PaymentStatus};
-use shop_domain::ports::{FencedWrite, StockRow, Transaction, UnitOfWork};
+use shop_domain::ports::{
+    CartTx, FencedWrite, IdempotencyTx, OrderTx, PaymentTx, StockRow, StockTx, Transaction, UnitOfWork,
+};
 use shop_domain::product::ProductOption;
 use shop_domain::sales::DailySales;
-use shop_domain::user::ChargeAmount;
+use shop_domain::user::{ChargeAmount, User};
 
 use crate::carts::cart_lines;
 use crate::entity::{cart, daily_popular_product as daily, order, order_item, payment, product, product_option, user};
-use crate::error::db;
-use crate::orders::to_payment;
+use crate::error::{Stored, db};
 use crate::products::to_option;
+use crate::users::to_user;
 
 #[derive(Debug, Clone)]
 pub struct SeaUnitOfWork {
@@ -60,7 +63,7 @@ pub struct SeaTransaction {
 }
 
 #[async_trait]
-impl Transaction for SeaTransaction {
+impl CartTx for SeaTransaction {
     async fn user_exists(&mut self, id: UserId) -> Result<bool, DomainError> {
         let found = user::Entity::find_by_id(id.get())
             .filter(user::Column::DeletedAt.is_null())
@@ -84,13 +87,31 @@ impl Transaction for SeaTransaction {
             .transpose()
     }
 
+    async fn cart_quantity(
+        &mut self,
+        user_id: UserId,
+        option_id: ProductOptionId,
+    ) -> Result<Option<Quantity>, DomainError> {
+        let quantity: Option<i64> = cart::Entity::find()
+            .select_only()
+            .column(cart::Column::Quantity)
+            .filter(cart::Column::UserId.eq(user_id.get()))
+            .filter(cart::Column::ProductOptionId.eq(option_id.get()))
+            .filter(cart::Column::DeletedAt.is_null())
+            .into_tuple()
+            .one(&self.tx)
+            .await
+            .map_err(db)?;
+        quantity.map(|q| Quantity::new(q).stored()).transpose()
+    }
+
     async fn add_to_cart(
         &mut self,
         user_id: UserId,
         option_id: ProductOptionId,
         quantity: Quantity,
         now: DateTime<Utc>,
-    ) -> Result<CartItem, DomainError> {
+    ) -> Result<Option<CartItem>, DomainError> {
         let added = quantity.get();
         let current = Expr::col((cart::Entity, cart::Column::Quantity));
         // One upsert on the live line (`uq_carts_user_option`): concurrent adds of one option merge instead of
@@ -116,19 +137,42 @@ impl Transaction for SeaTransaction {
         .await
         .map_err(db)?;
         if inserted == 0 {
-            return Err(DomainError::CartQuantityLimitExceeded { max: Quantity::MAX });
+            return Ok(None);
         }
-        cart_lines(&self.tx, user_id, Some(option_id))
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| DomainError::unexpected("the cart line just written is not there"))
+        let line = cart_lines(&self.tx, user_id, Some(option_id)).await?.into_iter().next();
+        line.map(Some).ok_or_else(|| DomainError::unexpected("the cart line just written is not there"))
     }
 
-    async fn orderable_options(&mut self, ids: &[ProductOptionId]) -> Result<Vec<OrderableOption>, DomainError> {
-        crate::orders::orderable_options(&self.tx, ids).await
+    async fn remove_from_carts(
+        &mut self,
+        carts: &[(UserId, Vec<ProductOptionId>)],
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        if carts.is_empty() {
+            return Ok(());
+        }
+        let mut whose = Condition::any();
+        for (user_id, options) in carts {
+            whose = whose.add(
+                Condition::all()
+                    .add(cart::Column::UserId.eq(user_id.get()))
+                    .add(cart::Column::ProductOptionId.is_in(options.iter().map(|o| o.get()))),
+            );
+        }
+        cart::Entity::update_many()
+            .col_expr(cart::Column::DeletedAt, Expr::value(Some(now)))
+            .col_expr(cart::Column::UpdatedAt, Expr::value(now))
+            .filter(cart::Column::DeletedAt.is_null())
+            .filter(whose)
+            .exec(&self.tx)
+            .await
+            .map_err(db)?;
+        Ok(())
     }
+}
 
+#[async_trait]
+impl OrderTx for SeaTransaction {
     async fn insert_orders(&mut self, orders: &[NewOrder]) -> Result<Vec<Order>, DomainError> {
         let order_ids = self.next_ids("orders", orders.len()).await?;
         let payment_ids = self.next_ids("payments", orders.len()).await?;
@@ -162,7 +206,7 @@ impl Transaction for SeaTransaction {
             .iter()
             .zip(order_ids.iter().zip(&payment_ids))
             .map(|(new, (order_id, payment_id))| {
-                let order_id = OrderId::new(*order_id)?;
+                let order_id = OrderId::new(*order_id).stored()?;
                 Ok(Order {
                     id: order_id,
                     user_id: new.user_id,
@@ -171,7 +215,7 @@ impl Transaction for SeaTransaction {
                     ordered_at: new.ordered_at,
                     items: new.items.clone(),
                     payment: Payment {
-                        id: PaymentId::new(*payment_id)?,
+                        id: PaymentId::new(*payment_id).stored()?,
                         order_id,
                         user_id: new.user_id,
                         status: PaymentStatus::Pending,
@@ -182,85 +226,6 @@ impl Transaction for SeaTransaction {
                 })
             })
             .collect()
-    }
-
-    async fn remove_from_carts(
-        &mut self,
-        carts: &[(UserId, Vec<ProductOptionId>)],
-        now: DateTime<Utc>,
-    ) -> Result<(), DomainError> {
-        if carts.is_empty() {
-            return Ok(());
-        }
-        let mut whose = Condition::any();
-        for (user_id, options) in carts {
-            whose = whose.add(
-                Condition::all()
-                    .add(cart::Column::UserId.eq(user_id.get()))
-                    .add(cart::Column::ProductOptionId.is_in(options.iter().map(|o| o.get()))),
-            );
-        }
-        cart::Entity::update_many()
-            .col_expr(cart::Column::DeletedAt, Expr::value(Some(now)))
-            .col_expr(cart::Column::UpdatedAt, Expr::value(now))
-            .filter(cart::Column::DeletedAt.is_null())
-            .filter(whose)
-            .exec(&self.tx)
-            .await
-            .map_err(db)?;
-        Ok(())
-    }
-
-    async fn insert_order(&mut self, new: &NewOrder) -> Result<Order, DomainError> {
-        let now = new.ordered_at;
-        let row = order::ActiveModel {
-            user_id: Set(new.user_id.get()),
-            total_price: Set(new.total_price.won()),
-            status: Set(OrderStatus::PendingPayment.as_str().to_owned()),
-            ordered_at: Set(now),
-            updated_at: Set(now),
-            deleted_at: Set(None),
-            ..Default::default()
-        }
-        .insert(&self.tx)
-        .await
-        .map_err(db)?;
-        order_item::Entity::insert_many(new.items.iter().map(|i| item_row(row.id, i, now)))
-            .exec_without_returning(&self.tx)
-            .await
-            .map_err(db)?;
-        let pay = pending_payment(row.id, new).insert(&self.tx).await.map_err(db)?;
-        Ok(Order {
-            id: OrderId::new(row.id)?,
-            user_id: new.user_id,
-            status: OrderStatus::PendingPayment,
-            total_price: new.total_price,
-            ordered_at: now,
-            items: new.items.clone(),
-            payment: to_payment(pay)?,
-        })
-    }
-
-    async fn remove_from_cart(
-        &mut self,
-        user_id: UserId,
-        options: &[ProductOptionId],
-        now: DateTime<Utc>,
-    ) -> Result<(), DomainError> {
-        cart::Entity::update_many()
-            .col_expr(cart::Column::DeletedAt, Expr::value(Some(now)))
-            .col_expr(cart::Column::UpdatedAt, Expr::value(now))
-            .filter(cart::Column::UserId.eq(user_id.get()))
-            .filter(cart::Column::ProductOptionId.is_in(options.iter().map(|o| o.get())))
-            .filter(cart::Column::DeletedAt.is_null())
-            .exec(&self.tx)
-            .await
-            .map_err(db)?;
-        Ok(())
-    }
-
-    async fn find_order(&mut self, id: OrderId) -> Result<Option<Order>, DomainError> {
-        crate::orders::find_order(&self.tx, id).await
     }
 
     async fn find_orders(&mut self, ids: &[OrderId]) -> Result<Vec<Order>, DomainError> {
@@ -292,64 +257,7 @@ impl Transaction for SeaTransaction {
             .exec_with_returning(&self.tx)
             .await
             .map_err(db)?;
-        moved.into_iter().map(|o| Ok(OrderId::new(o.id)?)).collect()
-    }
-
-    async fn settle_payments(
-        &mut self,
-        ids: &[PaymentId],
-        status: PaymentStatus,
-        now: DateTime<Utc>,
-    ) -> Result<(), DomainError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let paid_at = (status == PaymentStatus::Completed).then_some(now);
-        payment::Entity::update_many()
-            .col_expr(payment::Column::Status, Expr::value(status.as_str()))
-            .col_expr(payment::Column::PaidAt, Expr::value(paid_at))
-            .col_expr(payment::Column::UpdatedAt, Expr::value(now))
-            .filter(payment::Column::Id.is_in(ids.iter().map(|id| id.get())))
-            .exec(&self.tx)
-            .await
-            .map_err(db)?;
-        Ok(())
-    }
-
-    async fn transition_order(
-        &mut self,
-        id: OrderId,
-        from: OrderStatus,
-        to: OrderStatus,
-        now: DateTime<Utc>,
-    ) -> Result<bool, DomainError> {
-        let result = order::Entity::update_many()
-            .col_expr(order::Column::Status, Expr::value(to.as_str()))
-            .col_expr(order::Column::UpdatedAt, Expr::value(now))
-            .filter(order::Column::Id.eq(id.get()))
-            .filter(order::Column::Status.eq(from.as_str()))
-            .exec(&self.tx)
-            .await
-            .map_err(db)?;
-        Ok(result.rows_affected == 1)
-    }
-
-    async fn settle_payment(
-        &mut self,
-        id: PaymentId,
-        status: PaymentStatus,
-        now: DateTime<Utc>,
-    ) -> Result<(), DomainError> {
-        let paid_at = (status == PaymentStatus::Completed).then_some(now);
-        payment::Entity::update_many()
-            .col_expr(payment::Column::Status, Expr::value(status.as_str()))
-            .col_expr(payment::Column::PaidAt, Expr::value(paid_at))
-            .col_expr(payment::Column::UpdatedAt, Expr::value(now))
-            .filter(payment::Column::Id.eq(id.get()))
-            .exec(&self.tx)
-            .await
-            .map_err(db)?;
-        Ok(())
+        moved.into_iter().map(|o| OrderId::new(o.id).stored()).collect()
     }
 
     async fn overdue_orders(&mut self, placed_before: DateTime<Utc>, limit: u64) -> Result<Vec<OrderId>, DomainError> {
@@ -366,26 +274,21 @@ impl Transaction for SeaTransaction {
             query = query.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
         }
         let ids: Vec<i64> = query.into_tuple().all(&self.tx).await.map_err(db)?;
-        ids.into_iter().map(|id| Ok(OrderId::new(id)?)).collect()
+        ids.into_iter().map(|id| OrderId::new(id).stored()).collect()
     }
+}
 
-    async fn spend_balance(
-        &mut self,
-        user_id: UserId,
-        amount: Money,
-        now: DateTime<Utc>,
-    ) -> Result<Option<Money>, DomainError> {
-        let rows = user::Entity::update_many()
-            .col_expr(user::Column::Balance, Expr::col(user::Column::Balance).sub(amount.won()))
-            .col_expr(user::Column::Version, Expr::col(user::Column::Version).add(1))
-            .col_expr(user::Column::UpdatedAt, Expr::value(now))
-            .filter(user::Column::Id.eq(user_id.get()))
+#[async_trait]
+impl PaymentTx for SeaTransaction {
+    async fn users(&mut self, ids: &[UserId]) -> Result<Vec<User>, DomainError> {
+        let rows = user::Entity::find()
+            .filter(user::Column::Id.is_in(ids.iter().map(|id| id.get())))
             .filter(user::Column::DeletedAt.is_null())
-            .filter(user::Column::Balance.gte(amount.won()))
-            .exec_with_returning(&self.tx)
+            .order_by_asc(user::Column::Id)
+            .all(&self.tx)
             .await
             .map_err(db)?;
-        rows.into_iter().next().map(|u| Ok(Money::new(u.balance)?)).transpose()
+        rows.into_iter().map(to_user).collect()
     }
 
     async fn spend_balances(
@@ -413,12 +316,38 @@ impl Transaction for SeaTransaction {
             .exec_with_returning(&self.tx)
             .await
             .map_err(db)?;
-        spent.into_iter().map(|u| Ok(UserId::new(u.id)?)).collect()
+        spent.into_iter().map(|u| UserId::new(u.id).stored()).collect()
     }
 
-    async fn balance(&mut self, user_id: UserId) -> Result<Money, DomainError> {
-        let row = user::Entity::find_by_id(user_id.get()).one(&self.tx).await.map_err(db)?;
-        row.map(|u| Ok(Money::new(u.balance)?)).unwrap_or(Err(DomainError::UserNotFound(user_id)))
+    async fn charge_balance(
+        &mut self,
+        id: UserId,
+        amount: ChargeAmount,
+        limit: Money,
+        now: DateTime<Utc>,
+    ) -> Result<Money, DomainError> {
+        crate::users::charge_on(&self.tx, id, amount, limit, now).await
+    }
+
+    async fn settle_payments(
+        &mut self,
+        ids: &[PaymentId],
+        status: PaymentStatus,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let paid_at = (status == PaymentStatus::Completed).then_some(now);
+        payment::Entity::update_many()
+            .col_expr(payment::Column::Status, Expr::value(status.as_str()))
+            .col_expr(payment::Column::PaidAt, Expr::value(paid_at))
+            .col_expr(payment::Column::UpdatedAt, Expr::value(now))
+            .filter(payment::Column::Id.is_in(ids.iter().map(|id| id.get())))
+            .exec(&self.tx)
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 
     async fn add_daily_sales(&mut self, sales: &[DailySales], now: DateTime<Utc>) -> Result<(), DomainError> {
@@ -446,28 +375,37 @@ impl Transaction for SeaTransaction {
         }
         Ok(())
     }
+}
 
-    async fn decrement_stock(
+#[async_trait]
+impl StockTx for SeaTransaction {
+    async fn read_stock(&mut self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError> {
+        self.stock_rows(ids, false).await
+    }
+
+    async fn lock_stock(&mut self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError> {
+        self.stock_rows(ids, true).await
+    }
+
+    async fn write_stock(
         &mut self,
         id: ProductOptionId,
-        quantity: Quantity,
+        stock: Stock,
+        expected_version: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<bool, DomainError> {
-        let result = conditional_decrement(id, quantity.get(), now).exec(&self.tx).await.map_err(db)?;
-        Ok(result.rows_affected == 1)
+        let mut update = product_option::Entity::update_many()
+            .col_expr(product_option::Column::Stock, Expr::value(stock.get()))
+            .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
+            .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
+            .filter(product_option::Column::Id.eq(id.get()));
+        if let Some(version) = expected_version {
+            update = update.filter(product_option::Column::Version.eq(version));
+        }
+        Ok(update.exec(&self.tx).await.map_err(db)?.rows_affected == 1)
     }
 
-    async fn decrement_stock_fenced(
-        &mut self,
-        id: ProductOptionId,
-        quantity: Quantity,
-        fence: u64,
-        now: DateTime<Utc>,
-    ) -> Result<FencedWrite, DomainError> {
-        self.decrement_stock_by(id, quantity.get(), Some(fence), now).await
-    }
-
-    async fn decrement_stock_by(
+    async fn decrement_stock(
         &mut self,
         id: ProductOptionId,
         units: i64,
@@ -503,49 +441,27 @@ impl Transaction for SeaTransaction {
         })
     }
 
-    async fn lock_stock(&mut self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError> {
-        self.stock_rows(ids, true).await
-    }
-
-    async fn read_stock(&mut self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError> {
-        self.stock_rows(ids, false).await
-    }
-
-    async fn write_stock(
+    async fn restore_stock(
         &mut self,
-        id: ProductOptionId,
-        stock: Stock,
-        expected_version: Option<i64>,
+        units: &BTreeMap<ProductOptionId, i64>,
         now: DateTime<Utc>,
-    ) -> Result<bool, DomainError> {
-        let mut update = product_option::Entity::update_many()
-            .col_expr(product_option::Column::Stock, Expr::value(stock.get()))
-            .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
-            .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
-            .filter(product_option::Column::Id.eq(id.get()));
-        if let Some(version) = expected_version {
-            update = update.filter(product_option::Column::Version.eq(version));
-        }
-        Ok(update.exec(&self.tx).await.map_err(db)?.rows_affected == 1)
-    }
-
-    async fn restore_stock(&mut self, lines: &[OrderLine], now: DateTime<Utc>) -> Result<(), DomainError> {
-        for line in lines {
+    ) -> Result<(), DomainError> {
+        for (option, n) in units {
             product_option::Entity::update_many()
-                .col_expr(
-                    product_option::Column::Stock,
-                    Expr::col(product_option::Column::Stock).add(line.quantity.get()),
-                )
+                .col_expr(product_option::Column::Stock, Expr::col(product_option::Column::Stock).add(*n))
                 .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
                 .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
-                .filter(product_option::Column::Id.eq(line.option_id.get()))
+                .filter(product_option::Column::Id.eq(option.get()))
                 .exec(&self.tx)
                 .await
                 .map_err(db)?;
         }
         Ok(())
     }
+}
 
+#[async_trait]
+impl IdempotencyTx for SeaTransaction {
     async fn record_response(
         &mut self,
         claim: &IdempotencyClaim,
@@ -554,17 +470,10 @@ impl Transaction for SeaTransaction {
     ) -> Result<bool, DomainError> {
         crate::idempotency::record_response(&self.tx, claim, response, now).await
     }
+}
 
-    async fn charge_balance(
-        &mut self,
-        id: UserId,
-        amount: ChargeAmount,
-        limit: Money,
-        now: DateTime<Utc>,
-    ) -> Result<Money, DomainError> {
-        crate::users::charge_on(&self.tx, id, amount, limit, now).await
-    }
-
+#[async_trait]
+impl Transaction for SeaTransaction {
     async fn commit(self: Box<Self>) -> Result<(), DomainError> {
         self.tx.commit().await.map_err(db)
     }
@@ -631,7 +540,11 @@ impl SeaTransaction {
         let rows: Vec<(i64, i64, i64)> = query.into_tuple().all(&self.tx).await.map_err(db)?;
         rows.into_iter()
             .map(|(id, stock, version)| {
-                Ok(StockRow { option_id: ProductOptionId::new(id)?, stock: Stock::new(stock)?, version })
+                Ok(StockRow {
+                    option_id: ProductOptionId::new(id).stored()?,
+                    stock: Stock::new(stock).stored()?,
+                    version,
+                })
             })
             .collect()
     }
@@ -654,7 +567,7 @@ fn item_row(order_id: i64, i: &OrderItem, now: DateTime<Utc>) -> order_item::Act
     }
 }
 
-/// The PENDING payment of a new order, its id left to the database.
+/// The PENDING payment of a new order (its id is set by the caller).
 fn pending_payment(order_id: i64, new: &NewOrder) -> payment::ActiveModel {
     payment::ActiveModel {
         order_id: Set(order_id),

@@ -13,7 +13,7 @@ use shop_domain::ports::UserRepository;
 use shop_domain::user::{ChargeAmount, User, UserName};
 
 use crate::entity::user;
-use crate::error::db;
+use crate::error::{Stored, db};
 
 #[derive(Debug, Clone)]
 pub struct SeaUserRepository {
@@ -27,8 +27,9 @@ impl SeaUserRepository {
     }
 }
 
-/// One conditional UPDATE: the addition happens in the row, so concurrent charges cannot lose one another, and
-/// the limit is checked against the value being written. Shared by the repository and the transaction.
+/// One relative UPDATE: the addition happens in the row, so concurrent charges cannot lose one another, and the
+/// limit guards the value being written (the domain's [`User::charge`] has decided already; this catches a
+/// concurrent charge that landed after its read). Shared by the repository and the transaction.
 pub(crate) async fn charge_on<C: ConnectionTrait>(
     conn: &C,
     id: UserId,
@@ -48,7 +49,7 @@ pub(crate) async fn charge_on<C: ConnectionTrait>(
         .await
         .map_err(db)?;
     if let Some(row) = updated.into_iter().next() {
-        return Ok(Money::new(row.balance)?);
+        return Money::new(row.balance).stored();
     }
     let exists = user::Entity::find_by_id(id.get())
         .filter(user::Column::DeletedAt.is_null())
@@ -60,7 +61,7 @@ pub(crate) async fn charge_on<C: ConnectionTrait>(
 }
 
 pub(crate) fn to_user(m: user::Model) -> Result<User, DomainError> {
-    Ok(User { id: UserId::new(m.id)?, name: m.name, balance: Money::new(m.balance)? })
+    Ok(User { id: UserId::new(m.id).stored()?, name: m.name, balance: Money::new(m.balance).stored()? })
 }
 
 #[async_trait]
@@ -75,7 +76,7 @@ impl UserRepository for SeaUserRepository {
             .all(&self.db)
             .await
             .map_err(db)?;
-        rows.into_iter().map(|id| Ok(UserId::new(id)?)).collect()
+        rows.into_iter().map(|id| UserId::new(id).stored()).collect()
     }
 
     async fn create(&self, name: &UserName, now: DateTime<Utc>) -> Result<User, DomainError> {

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use fred::prelude::{Client, ClientLike};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use shop_domain::stock::RetryPolicy;
+use shop_domain::ports::RetryPolicy;
 use tokio::time::Instant;
 
 use crate::lock::{self, DistributedLock, Lease, LockError, LockGuard};

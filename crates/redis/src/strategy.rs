@@ -5,12 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use shop_domain::DomainError;
 use shop_domain::order::OrderLine;
-use shop_domain::ports::Transaction;
-use shop_domain::stock::{OptionLocks, StockPermit, StockStrategy, take_fenced};
-use tokio::sync::OwnedMutexGuard;
+use shop_domain::ports::stock::union_of;
+use shop_domain::ports::{Admission, StockPermit, StockStrategy};
+use shop_domain::stock::{OptionLocks, OptionTurn};
 use tokio::time::Instant;
 
 use crate::lock::{DistributedLock, LockError, LockGuard};
@@ -39,7 +38,7 @@ pub struct RedisLockStock<L: DistributedLock> {
 /// What an order holds: its Redis locks, and this instance's queue turns for the same options.
 struct HeldLocks {
     redis: Vec<LockGuard>,
-    local: Vec<OwnedMutexGuard<()>>,
+    local: Vec<OptionTurn>,
 }
 
 impl Drop for HeldLocks {
@@ -80,39 +79,33 @@ impl<L: DistributedLock> StockStrategy for RedisLockStock<L> {
         self.name
     }
 
+    /// Takes the batch's options' locks, each with its fencing token, which the port's default write carries
+    /// into the stock row.
+    ///
     /// # Errors
     /// [`DomainError::LockTimeout`] when the locks could not all be had within the wait; [`DomainError::Unexpected`]
     /// when Redis failed.
-    async fn acquire(&self, lines: &[OrderLine]) -> Result<StockPermit, DomainError> {
+    async fn admit(&self, orders: &[&[OrderLine]]) -> Result<Admission, DomainError> {
+        let lines = union_of(orders);
         // One deadline for all the locks, so that an order with many lines waits no longer than one with one.
         let deadline = Instant::now() + self.wait;
-        // This instance's turns first, then the Redis locks, each in ascending option order (the lines are
-        // sorted): every order takes them in that one order, so no two ever hold each other's next lock.
+        // This instance's turns first, then the Redis locks, each in ascending option order: every batch takes
+        // them in that one order, so no two ever hold each other's next lock.
         let local =
-            self.local.lock_all(lines, deadline).await.ok_or(DomainError::LockTimeout { retry_after_secs: 1 })?;
+            self.local.lock_all(&lines, deadline).await.ok_or(DomainError::LockTimeout { retry_after_secs: 1 })?;
         let mut held = HeldLocks { redis: Vec::with_capacity(lines.len()), local };
         let mut fences = BTreeMap::new();
-        for line in lines {
+        for line in &lines {
             match self.lock.lock(&option_lock_key(&self.prefix, line.option_id), deadline).await {
                 Ok(guard) => {
                     fences.insert(line.option_id, guard.fence());
                     held.redis.push(guard);
                 }
-                // Dropping `held` releases what this order took, so it keeps nobody out while it gives up.
+                // Dropping `held` releases what this batch took, so it keeps nobody out while it gives up.
                 Err(LockError::Timeout) => return Err(DomainError::LockTimeout { retry_after_secs: 1 }),
                 Err(other) => return Err(DomainError::unexpected(other)),
             }
         }
-        Ok(StockPermit::fenced(held, fences))
-    }
-
-    async fn take(
-        &self,
-        tx: &mut dyn Transaction,
-        lines: &[OrderLine],
-        permit: &StockPermit,
-        now: DateTime<Utc>,
-    ) -> Result<(), DomainError> {
-        take_fenced(tx, lines, permit, now).await
+        Ok(Admission::everyone(StockPermit::fenced(held, fences), orders.len()))
     }
 }

@@ -16,9 +16,9 @@ use rand::Rng;
 use shop_domain::DomainError;
 use shop_domain::ids::ProductOptionId;
 use shop_domain::money::Quantity;
+use shop_domain::money::Stock;
 use shop_domain::order::OrderLine;
-use shop_domain::ports::{FencedWrite, MockTransaction, Probe};
-use shop_domain::stock::StockStrategy;
+use shop_domain::ports::{FencedWrite, MockStockTx, Probe, StockRow, StockStrategy, StockTake};
 use shop_redis::{DistributedLock, LockError, PubSubLock, RedisLockStock, Redlock, SpinLock, option_lock_key};
 
 /// The key namespace of these tests' stock locks.
@@ -530,29 +530,37 @@ async fn the_stock_strategy_locks_every_option_and_writes_with_its_fence() {
     );
     assert_eq!(stock.name(), "redis-spin");
     let ids = options(2);
-    let lines = [line(ids[0]), line(ids[1])];
-    let permit = stock.acquire(&lines).await.unwrap();
+    let (first, second) = ([line(ids[0])], [line(ids[1]), line(ids[0])]);
+    let orders: [&[OrderLine]; 2] = [&first, &second];
+    let permit = stock.admit(&orders).await.unwrap().permit;
     let raw = raw(URL).await;
     for &id in &ids {
         let key = option_lock_key(PREFIX, ProductOptionId::new(id).unwrap());
         assert!(raw.get::<Option<String>, _>(&key).await.unwrap().is_some(), "{key} is locked");
     }
     let fences: BTreeMap<i64, u64> =
-        ids.iter().map(|&id| (id, permit.fence(ProductOptionId::new(id).unwrap()).unwrap())).collect();
-    let mut tx = MockTransaction::new();
+        ids.iter().map(|&id| (id, permit.fence(ProductOptionId::new(id).unwrap()).unwrap().unwrap())).collect();
+    let mut tx = MockStockTx::new();
     let expected = fences.clone();
-    tx.expect_decrement_stock_fenced()
+    tx.expect_decrement_stock()
         .times(2)
-        .withf(move |id, _, fence, _| expected.get(&id.get()) == Some(fence))
+        .withf(move |id, _, fence, _| fence.is_some() && expected.get(&id.get()).copied() == *fence)
         .returning(|_, _, _, _| Ok(FencedWrite::Written));
-    stock.take(&mut tx, &lines, &permit, Utc::now()).await.unwrap();
+    let takes: Vec<StockTake> = ids
+        .iter()
+        .map(|&id| StockTake {
+            row: StockRow { option_id: ProductOptionId::new(id).unwrap(), stock: Stock::new(5).unwrap(), version: 0 },
+            units: 1,
+        })
+        .collect();
+    stock.take(&mut tx, &takes, &permit, Utc::now()).await.unwrap();
     drop(permit);
     // The dropped permit releases in the background.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let again = stock.acquire(&lines).await.unwrap();
+    let again = stock.admit(&orders).await.unwrap().permit;
     for &id in &ids {
         let option = ProductOptionId::new(id).unwrap();
-        assert!(again.fence(option).unwrap() > fences[&id], "a newer holder has a newer fence");
+        assert!(again.fence(option).unwrap().unwrap() > fences[&id], "a newer holder has a newer fence");
     }
 }
 
@@ -571,7 +579,7 @@ async fn the_stock_strategy_times_out_as_lock_timeout_and_releases_what_it_held(
         .await
         .unwrap();
     let started = Instant::now();
-    let err = stock.acquire(&[line(ids[0]), line(ids[1])]).await.unwrap_err();
+    let err = stock.admit(&[&[line(ids[0]), line(ids[1])]]).await.unwrap_err();
     assert!(matches!(err, DomainError::LockTimeout { retry_after_secs: 1 }), "{err:?}");
     assert!(started.elapsed() < Duration::from_millis(800), "{:?}", started.elapsed());
     let first = option_lock_key(PREFIX, ProductOptionId::new(ids[0]).unwrap());

@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use shop_server::{Application, Settings, telemetry};
+use shop_domain::ports::SystemClock;
+use shop_server::{Application, Settings, commands, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(name = "shop-server", version, about = "The shop's REST API")]
@@ -48,11 +50,9 @@ async fn main() -> ExitCode {
     telemetry::init(settings.log_format);
     tracing::debug!(?settings, "settings");
     let result = match command {
-        Command::Migrate => shop_server::connect_and_migrate(&settings).await.map(|_| {
-            tracing::info!("migrations applied");
-        }),
-        Command::Reconcile => shop_server::reconcile(&settings).await.map(|report| println!("{report}")),
-        Command::Serve | Command::Openapi => match Application::build(settings).await {
+        Command::Migrate => commands::migrate(&settings).await.map(|()| tracing::info!("migrations applied")),
+        Command::Reconcile => commands::reconcile(&settings).await.map(|report| println!("{report}")),
+        Command::Serve | Command::Openapi => match Application::build(settings, Arc::new(SystemClock)).await {
             Ok(app) => app.run_until_stopped().await.map_err(shop_server::StartupError::Serve),
             Err(e) => Err(e),
         },

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::cart::CartItem;
+use crate::cart::{CartItem, merged_quantity};
 use crate::error::DomainError;
 use crate::ids::{CartItemId, ProductOptionId, UserId};
 use crate::money::Quantity;
@@ -40,7 +40,8 @@ impl CartService {
     }
 
     /// Adds units of an option; the user, the option and the merge are checked and written in one
-    /// transaction, so a line never outgrows [`Quantity::MAX`] however many adds race.
+    /// transaction. The merge rule ([`merged_quantity`]) decides on the line as read; the upsert behind it adds
+    /// relatively and refuses to pass [`Quantity::MAX`], so a line never outgrows it however many adds race.
     ///
     /// # Errors
     /// [`DomainError::UserNotFound`], [`DomainError::ProductOptionNotFound`],
@@ -58,7 +59,12 @@ impl CartService {
         if tx.find_option(option_id).await?.is_none() {
             return Err(DomainError::ProductOptionNotFound(option_id));
         }
-        let item = tx.add_to_cart(user_id, option_id, quantity, self.clock.now()).await?;
+        let current = tx.cart_quantity(user_id, option_id).await?.map_or(0, Quantity::get);
+        merged_quantity(current, quantity)?;
+        let item = tx
+            .add_to_cart(user_id, option_id, quantity, self.clock.now())
+            .await?
+            .ok_or(DomainError::CartQuantityLimitExceeded { max: Quantity::MAX })?;
         tx.commit().await?;
         Ok(item)
     }
@@ -157,7 +163,8 @@ mod tests {
         let uow = uow(|tx| {
             tx.expect_user_exists().returning(|_| Ok(true));
             tx.expect_find_option().returning(|_| Ok(Some(option())));
-            tx.expect_add_to_cart().withf(|_, _, q, _| q.get() == 2).returning(|_, _, _, _| Ok(item(5)));
+            tx.expect_cart_quantity().returning(|_, _| Ok(Some(Quantity::new(3).unwrap())));
+            tx.expect_add_to_cart().withf(|_, _, q, _| q.get() == 2).returning(|_, _, _, _| Ok(Some(item(5))));
             tx.expect_commit().times(1).returning(|| Ok(()));
         });
         let svc = CartService::new(Arc::new(MockCartRepository::new()), users(true), uow, clock());
@@ -191,12 +198,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn add_past_the_line_limit_does_not_commit() {
+    async fn add_past_the_line_limit_is_refused_by_the_merge_rule_before_any_write() {
         let uow = uow(|tx| {
             tx.expect_user_exists().returning(|_| Ok(true));
             tx.expect_find_option().returning(|_| Ok(Some(option())));
-            tx.expect_add_to_cart()
-                .returning(|_, _, _, _| Err(DomainError::CartQuantityLimitExceeded { max: Quantity::MAX }));
+            tx.expect_cart_quantity().returning(|_, _| Ok(Some(Quantity::new(1).unwrap())));
+            tx.expect_add_to_cart().never();
+            tx.expect_commit().never();
+        });
+        let svc = CartService::new(Arc::new(MockCartRepository::new()), users(true), uow, clock());
+        let err = svc.add(uid(), oid(), Quantity::new(1000).unwrap()).await.unwrap_err();
+        assert!(matches!(err, DomainError::CartQuantityLimitExceeded { max: 1000 }));
+    }
+
+    #[tokio::test]
+    async fn a_concurrent_add_that_fills_the_line_first_is_caught_by_the_guard() {
+        let uow = uow(|tx| {
+            tx.expect_user_exists().returning(|_| Ok(true));
+            tx.expect_find_option().returning(|_| Ok(Some(option())));
+            tx.expect_cart_quantity().returning(|_, _| Ok(None));
+            tx.expect_add_to_cart().returning(|_, _, _, _| Ok(None));
             tx.expect_commit().never();
         });
         let svc = CartService::new(Arc::new(MockCartRepository::new()), users(true), uow, clock());

@@ -1,15 +1,18 @@
 //! Use cases, one module per aggregate. Each service holds the ports it needs as `Arc<dyn Port>`.
+//!
+//! - [`users`], [`catalog`], [`cart`], [`idempotency`]: one service each.
+//! - [`orders`]: placing, paying and expiring orders, in batches.
+//! - [`lanes`]: the per-key queues that combine requests into batches.
 
-mod batch;
 pub mod cart;
 pub mod catalog;
-pub mod combiner;
 pub mod idempotency;
+pub mod lanes;
 pub mod orders;
 pub mod users;
 
 pub use cart::CartService;
 pub use catalog::CatalogService;
 pub use idempotency::{Claimed, IdempotencyService};
-pub use orders::{OrderService, OrderStats};
+pub use orders::{Combining, OrderService, OrderStats};
 pub use users::UserService;

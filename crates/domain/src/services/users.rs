@@ -39,7 +39,9 @@ impl UserService {
         self.users.find(id).await?.map(|u| u.balance).ok_or(DomainError::UserNotFound(id))
     }
 
-    /// Charges in one atomic update that refuses to pass [`User::BALANCE_LIMIT`].
+    /// Charges the balance: [`User::charge`] decides on the balance as read (a charge past
+    /// [`User::BALANCE_LIMIT`] is refused before any write), and one relative UPDATE guarded by the same limit
+    /// writes it, so concurrent charges never lose one another and one that lands in between is still caught.
     ///
     /// # Errors
     /// [`DomainError::UserNotFound`], [`DomainError::BalanceLimitExceeded`].
@@ -50,6 +52,8 @@ impl UserService {
         amount: ChargeAmount,
         recorder: Option<&Recorder<Money>>,
     ) -> Result<Money, DomainError> {
+        let mut user = self.users.find(id).await?.ok_or(DomainError::UserNotFound(id))?;
+        user.charge(amount)?;
         let now = self.clock.now();
         let Some(recorder) = recorder else {
             return self.users.charge(id, amount, User::BALANCE_LIMIT, now).await;
@@ -112,9 +116,40 @@ mod tests {
         assert_eq!(balance.won(), 500);
     }
 
+    /// A repository whose user has `balance`.
+    fn with_balance(balance: i64) -> MockUserRepository {
+        let mut repo = MockUserRepository::new();
+        repo.expect_find()
+            .returning(move |id| Ok(Some(User { id, name: "kim".into(), balance: Money::new(balance).unwrap() })));
+        repo
+    }
+
+    #[tokio::test]
+    async fn a_charge_past_the_limit_is_refused_by_the_rule_before_any_write() {
+        let mut repo = with_balance(User::BALANCE_LIMIT.won() - 5);
+        repo.expect_charge().never();
+        let err = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock())
+            .charge(uid(1), ChargeAmount::new(6).unwrap(), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DomainError::BalanceLimitExceeded { .. }));
+    }
+
+    #[tokio::test]
+    async fn charging_an_unknown_user_is_not_found() {
+        let mut repo = MockUserRepository::new();
+        repo.expect_find().returning(|_| Ok(None));
+        repo.expect_charge().never();
+        let err = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock())
+            .charge(uid(1), ChargeAmount::new(6).unwrap(), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DomainError::UserNotFound(_)));
+    }
+
     #[tokio::test]
     async fn charge_passes_the_balance_limit_to_the_atomic_update() {
-        let mut repo = MockUserRepository::new();
+        let mut repo = with_balance(0);
         repo.expect_charge()
             .withf(|id, amount, limit, _| {
                 *id == uid(1) && amount.money().won() == 1000 && *limit == User::BALANCE_LIMIT
@@ -142,7 +177,7 @@ mod tests {
             let tx: Box<dyn Transaction> = Box::new(tx.take().unwrap());
             Ok(tx)
         });
-        let mut repo = MockUserRepository::new();
+        let mut repo = with_balance(0);
         repo.expect_charge().never();
         let svc = UserService::new(Arc::new(repo), Arc::new(uow), clock());
         let claim = IdempotencyClaim { id: 1, user_id: uid(1), key: IdempotencyKey::new("k").unwrap(), token: 1 };
@@ -157,8 +192,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn charge_errors_pass_through() {
-        let mut repo = MockUserRepository::new();
+    async fn a_concurrent_charge_caught_by_the_guard_passes_through() {
+        let mut repo = with_balance(0);
         repo.expect_charge().returning(|_, _, limit, _| Err(DomainError::BalanceLimitExceeded { limit }));
         let err = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock())
             .charge(uid(1), ChargeAmount::new(1).unwrap(), None)

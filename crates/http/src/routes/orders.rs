@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpResponse, get, post, web};
+use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shop_domain::idempotency::Recorder;
@@ -15,6 +15,7 @@ use utoipa::ToSchema;
 use validator::Validate;
 
 use crate::AppState;
+use crate::connection;
 use crate::extract::{ValidJson, ValidQuery};
 use crate::idempotency::{Begin, IdempotencyKeyParam, KeyHeader, begin, finish, renderer, request_hash};
 use crate::problem::{ApiError, Problem};
@@ -172,11 +173,12 @@ pub struct OrderPage {
         (status = 404, description = "USER_NOT_FOUND or PRODUCT_OPTION_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "OUT_OF_STOCK (names the option in productOptionId) or PRODUCT_NOT_ON_SALE, nothing was taken; or IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key came with a different request", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "LOCK_TIMEOUT: the stock could not be had in time; retry after Retry-After seconds", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "LOCK_TIMEOUT: the stock could not be had in time; or SERVICE_UNAVAILABLE: too many orders wait for this option, or a dependency is down. Nothing was taken; retry after Retry-After seconds", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[post("/api/v1/orders")]
 pub async fn create_order(
+    req: HttpRequest,
     state: web::Data<AppState>,
     key: KeyHeader,
     body: ValidJson<CreateOrderRequest>,
@@ -200,7 +202,7 @@ pub async fn create_order(
         Begin::Run(claim) => claim,
     };
     let recorder = claim.as_ref().map(|c| Recorder::new(c.clone(), render.clone()));
-    let outcome = state.orders.create(request, recorder.as_ref()).await;
+    let outcome = state.orders.place(request, recorder.as_ref(), connection::of(&req)).await;
     finish(&state, claim.as_ref(), outcome, render.as_ref()).await
 }
 
@@ -259,10 +261,12 @@ pub async fn list_orders(
         (status = 404, description = "ORDER_NOT_FOUND (also for another user's order)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "ORDER_NOT_PAYABLE: the order is not PENDING_PAYMENT; or IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key came with a different request", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "SERVICE_UNAVAILABLE: too many payments wait, or a dependency is down; nothing was done, retry after Retry-After seconds", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[post("/api/v1/orders/{orderId}/payment")]
 pub async fn pay_order(
+    req: HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<i64>,
     key: KeyHeader,
@@ -277,6 +281,6 @@ pub async fn pay_order(
         Begin::Run(claim) => claim,
     };
     let recorder = claim.as_ref().map(|c| Recorder::new(c.clone(), render.clone()));
-    let outcome = state.orders.pay(order, user, recorder.as_ref()).await;
+    let outcome = state.orders.pay(order, user, recorder.as_ref(), connection::of(&req)).await;
     finish(&state, claim.as_ref(), outcome, render.as_ref()).await
 }

@@ -5,8 +5,8 @@
 //! # Reserving
 //! On one connection of its own (a small [`ExclusivePool`] of dedicated clients: on a multiplexed connection
 //! another task's commands would land between the WATCH and the EXEC), an order or a batch of orders WATCHes the
-//! mirror keys of all its options, reads them (MGET), decides in Rust who fits (`allocate`: arrival order,
-//! each order all its lines or none), and runs MULTI / DECRBY per option / HSET of its hold per option / EXEC.
+//! mirror keys of all its options, reads them (MGET), decides in Rust who fits (the domain's
+//! [`allocate`]: arrival order, each order all its lines or none, the rule the database strategies use too), and runs MULTI / DECRBY per option / HSET of its hold per option / EXEC.
 //! An EXEC aborted because a watched key changed is retried after a full-jitter backoff, at most
 //! `SHOP_OPTIMISTIC_MAX_RETRIES` times, then 503 `LOCK_TIMEOUT`; an order that does not fit is 409
 //! `OUT_OF_STOCK` at once, and nothing is written anywhere. Within one instance, reservations of one option
@@ -49,7 +49,6 @@
 //! - Hold deadlines are judged by the instances' wall clocks: skew between instances must stay well below
 //!   [`HOLD_TTL`].
 
-mod allocate;
 mod mirror;
 mod reconcile;
 
@@ -58,7 +57,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use fred::clients::ExclusivePool;
 use fred::prelude::{Client, ClientLike, HashesInterface, KeysInterface, TransactionInterface};
 use fred::types::Value;
@@ -66,8 +64,9 @@ use shop_domain::DomainError;
 use shop_domain::ids::ProductOptionId;
 use shop_domain::money::Stock;
 use shop_domain::order::OrderLine;
-use shop_domain::ports::{OrderRepository, StockMirror, Transaction};
-use shop_domain::stock::{Admission, ConditionalStock, OptionLocks, RetryPolicy, StockPermit, StockStrategy, union_of};
+use shop_domain::ports::stock::union_of;
+use shop_domain::ports::{Admission, OrderRepository, RetryPolicy, StockMirror, StockPermit, StockStrategy};
+use shop_domain::stock::{OptionLocks, allocate};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -77,8 +76,6 @@ pub use reconcile::{ReconcileReport, Repair};
 use crate::lock::LockError;
 use crate::node;
 use crate::probe::RedisProbe;
-
-use allocate::allocate;
 
 /// How long a reservation may stay in flight before reconciliation takes its holder for dead: far longer than
 /// an order's transaction may run (its pool wait and statements are bounded in seconds).
@@ -224,7 +221,7 @@ enum Attempt {
     /// A watched key changed before the EXEC.
     Aborted,
     /// Decided: the units reserved (under this hold) and the verdicts.
-    Done { hold: String, take: BTreeMap<ProductOptionId, i64>, verdicts: Vec<Result<(), ProductOptionId>> },
+    Done { hold: String, take: BTreeMap<ProductOptionId, i64>, verdicts: Vec<Result<(), DomainError>> },
 }
 
 impl Inner {
@@ -274,10 +271,6 @@ impl Inner {
             };
             match attempt {
                 Attempt::Done { hold, take, verdicts } => {
-                    let verdicts = verdicts
-                        .into_iter()
-                        .map(|v| v.map_err(|option_id| DomainError::OutOfStock { option_id }))
-                        .collect();
                     return Ok((Reservation { hold, units: take, inner: self.clone() }, verdicts));
                 }
                 Attempt::Missing(missing) => {
@@ -321,16 +314,20 @@ impl Inner {
             client.unwatch().await.map_err(redis_error)?;
             return Ok(Attempt::Missing(missing));
         }
-        let available: BTreeMap<ProductOptionId, i64> =
-            watched.iter().zip(values).filter_map(|(id, v)| Some((*id, v?))).collect();
-        let allocation = allocate(&available, orders);
-        if allocation.take.is_empty() {
+        // A mirror below zero (an admin count under the reservations in flight) has nothing to give.
+        let available: BTreeMap<ProductOptionId, Stock> = watched
+            .iter()
+            .zip(values)
+            .filter_map(|(id, v)| Some((*id, Stock::new(v?.clamp(0, Stock::MAX)).ok()?)))
+            .collect();
+        let allocation = allocate(&available, orders.iter().copied());
+        if allocation.taken.is_empty() {
             client.unwatch().await.map_err(redis_error)?;
             return Ok(Attempt::Done { hold: String::new(), take: BTreeMap::new(), verdicts: allocation.verdicts });
         }
         let hold = mirror::hold_field(HOLD_TTL);
         let trx = client.multi();
-        for (option, units) in &allocation.take {
+        for (option, units) in &allocation.taken {
             let () = trx.decr_by(self.mirror_key(*option), *units).await.map_err(redis_error)?;
             let () = trx.hset(self.holds_key(*option), (hold.as_str(), *units)).await.map_err(redis_error)?;
         }
@@ -338,12 +335,12 @@ impl Inner {
             Ok(Value::Null) => return Ok(Attempt::Aborted),
             Ok(Value::Array(replies)) => replies,
             Ok(other) => {
-                self.compensate(&hold, &allocation.take).await;
+                self.compensate(&hold, &allocation.taken).await;
                 return Err(DomainError::unexpected(format!("EXEC answered {other:?}")));
             }
             Err(e) => {
                 // The EXEC may or may not have run: give back whatever it reserved (nothing, if it did not).
-                self.compensate(&hold, &allocation.take).await;
+                self.compensate(&hold, &allocation.taken).await;
                 return Err(redis_error(e));
             }
         };
@@ -352,10 +349,10 @@ impl Inner {
         let overdrawn = replies.iter().step_by(2).any(|left| left.as_i64().is_none_or(|left| left < 0));
         if overdrawn {
             tracing::warn!("a stock reservation ran without its WATCH; undoing it");
-            self.compensate(&hold, &allocation.take).await;
+            self.compensate(&hold, &allocation.taken).await;
             return Ok(Attempt::Aborted);
         }
-        Ok(Attempt::Done { hold, take: allocation.take, verdicts: allocation.verdicts })
+        Ok(Attempt::Done { hold, take: allocation.taken, verdicts: allocation.verdicts })
     }
 
     /// Gives back a reservation whose EXEC failed or ran unprotected (a no-op if it never ran).
@@ -432,30 +429,15 @@ impl StockStrategy for RedisOptimisticStock {
         "redis-optimistic"
     }
 
+    /// Reserves what fits of the batch in the mirror; the transaction then takes it with the conditional
+    /// decrement (the port's default), which stays the last guard.
+    ///
     /// # Errors
-    /// [`DomainError::OutOfStock`] when the mirror has not enough (nothing is reserved, the database is not
-    /// asked); [`DomainError::LockTimeout`] when the EXEC kept being aborted or the turn did not come;
-    /// [`DomainError::Unexpected`] when Redis or the database failed.
-    async fn acquire(&self, lines: &[OrderLine]) -> Result<StockPermit, DomainError> {
-        let Admission { permit, verdicts } = self.acquire_batch(&[lines]).await?;
-        match verdicts.into_iter().next() {
-            Some(Err(refused)) => Err(refused),
-            _ => Ok(permit),
-        }
-    }
-
-    /// The single order's transaction takes its stock with the conditional decrement, as every batch does.
-    async fn take(
-        &self,
-        tx: &mut dyn Transaction,
-        lines: &[OrderLine],
-        permit: &StockPermit,
-        now: DateTime<Utc>,
-    ) -> Result<(), DomainError> {
-        ConditionalStock.take(tx, lines, permit, now).await
-    }
-
-    async fn acquire_batch(&self, orders: &[&[OrderLine]]) -> Result<Admission, DomainError> {
+    /// [`DomainError::LockTimeout`] when the EXEC kept being aborted or the turn did not come;
+    /// [`DomainError::Unexpected`] when Redis or the database failed. An order the mirror cannot serve is
+    /// refused in its verdict with [`DomainError::OutOfStock`] (nothing is reserved for it, the database is
+    /// not asked).
+    async fn admit(&self, orders: &[&[OrderLine]]) -> Result<Admission, DomainError> {
         let owned: Vec<Vec<OrderLine>> = orders.iter().map(|lines| lines.to_vec()).collect();
         // A task of its own: if the request is cancelled in the middle of an attempt, the attempt still
         // completes and its guard, dropped with the task's output, gives the units back. `_waiting` tells the
@@ -505,15 +487,11 @@ impl StockMirror for RedisOptimisticStock {
         }
     }
 
-    async fn stock_returned(&self, lines: &[OrderLine]) {
-        let mut units: BTreeMap<ProductOptionId, i64> = BTreeMap::new();
-        for line in lines {
-            *units.entry(line.option_id).or_default() += line.quantity.get();
-        }
+    async fn stock_returned(&self, units: &BTreeMap<ProductOptionId, i64>) {
         if units.is_empty() {
             return;
         }
-        if let Err(e) = mirror::returned(&self.inner.client, &self.inner.prefix, &units).await {
+        if let Err(e) = mirror::returned(&self.inner.client, &self.inner.prefix, units).await {
             tracing::warn!(error = %e, "could not mirror stock given back; reconciliation repairs it");
         }
     }

@@ -5,14 +5,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
 use serde_json::{Value, json};
 use shop_server::StockStrategyName;
 use tokio::sync::Barrier;
 
-use crate::helpers::{Resp, Store, TestApp, races_over_instances};
+use crate::helpers::{Resp, Store, TestApp, eventually, lock_waiters, races_over_instances};
 use crate::on_every_strategy;
 
 on_every_strategy!(mixed_orders_keep_every_order_whole);
@@ -214,7 +213,7 @@ async fn one_failing_order_never_fails_its_batch() {
             async move { app.post("/api/v1/orders", json!({"userId": user, "items": [line(option, 1)]})).await },
         )
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the first batch waits for the row", || async { lock_waiters(&app).await > 0 }).await;
     let rest: Vec<_> = buyers[1..]
         .iter()
         .map(|user| {
@@ -224,7 +223,7 @@ async fn one_failing_order_never_fails_its_batch() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the other 49 queue behind it", || async { app.orders.queued().0 == 49 }).await;
     holder.commit().await.unwrap();
 
     assert_eq!(first.await.unwrap().status, 201);

@@ -3,7 +3,6 @@
 
 use chrono::Utc;
 use shop_domain::ids::ProductOptionId;
-use shop_domain::money::Quantity;
 use shop_domain::ports::{FencedWrite, UnitOfWork};
 use shop_persistence::SeaUnitOfWork;
 
@@ -16,12 +15,12 @@ async fn a_write_under_an_older_token_is_refused(app: TestApp) {
     let p = app.product("fenced", &[("one", 1, 3)]).await;
     let option = ProductOptionId::new(p["options"][0]["id"].as_i64().unwrap()).unwrap();
     let uow = SeaUnitOfWork::new(app.db.clone());
-    let one = Quantity::new(1).unwrap();
-    let write = |fence: u64, qty: Quantity| {
+    let one = 1;
+    let write = |fence: u64, units: i64| {
         let uow = uow.clone();
         async move {
             let mut tx = uow.begin().await.unwrap();
-            let outcome = tx.decrement_stock_fenced(option, qty, fence, Utc::now()).await.unwrap();
+            let outcome = tx.decrement_stock(option, units, Some(fence), Utc::now()).await.unwrap();
             tx.commit().await.unwrap();
             outcome
         }
@@ -29,8 +28,8 @@ async fn a_write_under_an_older_token_is_refused(app: TestApp) {
     assert_eq!(write(5, one).await, FencedWrite::Written);
     assert_eq!(write(3, one).await, FencedWrite::Fenced, "a holder whose lock passed on is refused");
     assert_eq!(write(5, one).await, FencedWrite::Written, "the same hold may write again");
-    assert_eq!(write(6, Quantity::new(5).unwrap()).await, FencedWrite::OutOfStock);
-    assert_eq!(write(4, Quantity::new(5).unwrap()).await, FencedWrite::Fenced, "the fence is reported first");
+    assert_eq!(write(6, 5).await, FencedWrite::OutOfStock);
+    assert_eq!(write(4, 5).await, FencedWrite::Fenced, "the fence is reported first");
     assert_eq!(app.scalar(&format!("SELECT stock FROM product_options WHERE id = {option}")).await, 1);
     assert_eq!(app.scalar(&format!("SELECT fence_token FROM product_options WHERE id = {option}")).await, 5);
 }

@@ -9,6 +9,7 @@ use actix_web::dev::ServerHandle;
 use reqwest::header::HeaderMap;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use serde_json::{Value, json};
+use shop_domain::ports::ShiftedClock;
 use shop_domain::services::{IdempotencyService, OrderService};
 use shop_server::{Application, Settings, StockStrategyName};
 
@@ -66,6 +67,9 @@ pub struct TestApp {
     pub strategy: StockStrategyName,
     /// The settings it was built with (its database URL, strategy ...).
     pub settings: Settings,
+    /// The application's clock (shared by every instance of one test): tests move it forward instead of
+    /// ageing rows behind the application.
+    pub clock: Arc<ShiftedClock>,
     handle: ServerHandle,
     _backing: Backing,
 }
@@ -102,7 +106,7 @@ impl TestApp {
     /// `None` when the test must be skipped: PostgreSQL unreachable outside CI. In CI it panics instead.
     pub async fn spawn_with(store: Store, tweak: impl FnOnce(&mut Settings)) -> Option<Self> {
         let (settings, backing) = Self::prepare(store, tweak).await?;
-        Some(Self::start(settings, store, backing).await)
+        Some(Self::start(settings, store, backing, Arc::default()).await)
     }
 
     /// `n` instances over one fresh database, started at the same time (they race to migrate it).
@@ -110,7 +114,8 @@ impl TestApp {
         let (settings, backing) = Self::prepare(store, tweak).await?;
         let mut backings = vec![backing];
         backings.extend((1..n).map(|_| Backing::Borrowed));
-        let starts = backings.into_iter().map(|b| Self::start(settings.clone(), store, b));
+        let clock: Arc<ShiftedClock> = Arc::default();
+        let starts = backings.into_iter().map(|b| Self::start(settings.clone(), store, b, clock.clone()));
         Some(futures::future::join_all(starts).await)
     }
 
@@ -147,12 +152,12 @@ impl TestApp {
 
     /// Another instance of the application over this one's database, as a scaled-out deployment runs it.
     pub async fn second_instance(&self) -> Self {
-        Self::start(self.settings.clone(), self.store, Backing::Borrowed).await
+        Self::start(self.settings.clone(), self.store, Backing::Borrowed, self.clock.clone()).await
     }
 
-    async fn start(settings: Settings, store: Store, backing: Backing) -> Self {
+    async fn start(settings: Settings, store: Store, backing: Backing, clock: Arc<ShiftedClock>) -> Self {
         let strategy = settings.stock_strategy;
-        let app = Application::build(settings.clone()).await.expect("the application starts");
+        let app = Application::build(settings.clone(), clock.clone()).await.expect("the application starts");
         let base = format!("http://127.0.0.1:{}", app.port());
         let db = app.database();
         let orders = app.orders();
@@ -167,7 +172,7 @@ impl TestApp {
             .pool_idle_timeout(Duration::from_secs(2))
             .build()
             .expect("client");
-        Self { base, client, db, store, orders, idempotency, strategy, settings, handle, _backing: backing }
+        Self { base, client, db, store, orders, idempotency, strategy, settings, clock, handle, _backing: backing }
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
@@ -290,6 +295,22 @@ impl Resp {
         let p = self.problem(400, "VALIDATION_FAILED");
         assert_eq!(p["field"], field, "{self:?}");
     }
+}
+
+/// Polls until `check` holds, for at most ten seconds: for what the application does on tasks of its own (a
+/// spawned give-back, a batch waiting for a row lock, requests queueing in a lane).
+pub async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sessions of this test's database waiting for a lock another session holds (PostgreSQL).
+pub async fn lock_waiters(app: &TestApp) -> i64 {
+    app.scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+        .await
 }
 
 /// Releases every buyer at once (a barrier), buyer `i` ordering `items(i)` from instance `i % apps.len()`;

@@ -1,8 +1,8 @@
 //! Idempotency-Key on charge, order and payment: replays, reuse, concurrency, expiry, and two instances.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 use tokio::sync::Barrier;
 
@@ -148,31 +148,27 @@ async fn a_payment_retried_with_its_key_spends_once(app: TestApp) {
 
 async fn keys_are_per_user_and_expired_keys_act_anew(app: TestApp) {
     let (kim, lee) = (app.user("kim").await, app.user("lee").await);
-    for user in [kim, lee] {
-        let r = keyed(&app, &format!("/api/v1/users/{user}/balance/charge"), "shared", json!({"amount": 10})).await;
-        assert_eq!((r.status, replayed(&r)), (200, false), "each user has their own key space");
-    }
-    // Age kim's key past its 24 hours.
-    let past = if app.store == crate::helpers::Store::Postgres {
-        "NOW() - INTERVAL '1 minute'"
-    } else {
-        "datetime('now', '-1 minute')"
+    let charge = async |user: i64| {
+        keyed(&app, &format!("/api/v1/users/{user}/balance/charge"), "shared", json!({"amount": 10})).await
     };
-    app.db
-        .execute_unprepared(&format!("UPDATE idempotency_keys SET expires_at = {past} WHERE user_id = {kim}"))
-        .await
-        .unwrap();
-    let anew = keyed(&app, &format!("/api/v1/users/{kim}/balance/charge"), "shared", json!({"amount": 10})).await;
+    let r = charge(kim).await;
+    assert_eq!((r.status, replayed(&r)), (200, false));
+    app.clock.advance(Duration::from_secs(12 * 3600));
+    let r = charge(lee).await;
+    assert_eq!((r.status, replayed(&r)), (200, false), "each user has their own key space");
+    // A day and a minute after kim's first use, half a day after lee's.
+    app.clock.advance(Duration::from_secs(12 * 3600 + 60));
+    let anew = charge(kim).await;
     assert_eq!((anew.status, replayed(&anew)), (200, false), "an expired key acts anew: {anew:?}");
     assert_eq!(balance(&app, kim).await, 20);
-    // The purge deletes expired keys and keeps live ones.
-    app.db
-        .execute_unprepared(&format!("UPDATE idempotency_keys SET expires_at = {past} WHERE user_id = {lee}"))
-        .await
-        .unwrap();
+    let replay = charge(lee).await;
+    assert_eq!((replay.status, replayed(&replay)), (200, true), "lee's key is still live");
+    assert_eq!(balance(&app, lee).await, 10);
+    // Half a day later lee's key has expired and kim's second one has not: the purge deletes only lee's.
+    app.clock.advance(Duration::from_secs(12 * 3600));
     let purged = app.idempotency.purge_expired().await.unwrap();
     assert_eq!(purged, 1);
-    assert_eq!(app.scalar("SELECT COUNT(*) FROM idempotency_keys").await, 1);
+    assert_eq!(app.scalar(&format!("SELECT COUNT(*) FROM idempotency_keys WHERE user_id = {kim}")).await, 1);
 }
 
 async fn a_malformed_key_is_a_validation_problem(app: TestApp) {

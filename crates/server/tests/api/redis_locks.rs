@@ -15,8 +15,7 @@ use shop_domain::DomainError;
 use shop_domain::ids::ProductOptionId;
 use shop_domain::money::Quantity;
 use shop_domain::order::OrderLine;
-use shop_domain::ports::UnitOfWork;
-use shop_domain::stock::{StockPermit, StockStrategy};
+use shop_domain::ports::{StockPermit, StockStrategy, StockTake, UnitOfWork};
 use shop_persistence::SeaUnitOfWork;
 use shop_redis::{DistributedLock, RedisLockStock, SpinLock, option_lock_key};
 use shop_server::StockStrategyName;
@@ -191,18 +190,19 @@ async fn a_holder_paused_past_its_lease_has_its_stock_write_refused() {
     // Once its lease ran out, a second holder gets the lock and writes.
     let strategy = RedisLockStock::new(SpinLock::connect(REDIS, lease).await.unwrap(), Duration::from_secs(5), prefix);
     let started = Instant::now();
-    let permit = strategy.acquire(&line).await.unwrap();
+    let permit = strategy.admit(&[&line]).await.unwrap().permit;
     assert!(started.elapsed() >= Duration::from_millis(200), "it waited for the lease, not for nothing");
     let uow = SeaUnitOfWork::new(app.db.clone());
     let mut tx = uow.begin().await.unwrap();
-    strategy.take(tx.as_mut(), &line, &permit, Utc::now()).await.unwrap();
+    let take = [StockTake { row: tx.read_stock(&[option_id]).await.unwrap()[0], units: 1 }];
+    strategy.take(tx.as_mut(), &take, &permit, Utc::now()).await.unwrap();
     tx.commit().await.unwrap();
     drop(permit);
 
     // The first holder wakes up and writes under its old token: refused, and the transaction rolls back.
     let stale = StockPermit::fenced((), BTreeMap::from([(option_id, stale_fence)]));
     let mut tx = uow.begin().await.unwrap();
-    let err = strategy.take(tx.as_mut(), &line, &stale, Utc::now()).await.unwrap_err();
+    let err = strategy.take(tx.as_mut(), &take, &stale, Utc::now()).await.unwrap_err();
     assert!(matches!(err, DomainError::StaleLock { .. }), "{err:?}");
     drop(tx);
     assert_eq!(app.stock_of(option).await, 9, "only the current holder's unit was taken");

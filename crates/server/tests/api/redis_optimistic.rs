@@ -15,15 +15,22 @@ use shop_domain::DomainError;
 use shop_domain::ids::ProductOptionId;
 use shop_domain::money::Quantity;
 use shop_domain::order::OrderLine;
-use shop_domain::stock::StockStrategy;
+use shop_domain::ports::{Admission, StockPermit, StockStrategy};
 use shop_persistence::SeaOrderRepository;
 use shop_redis::optimistic::{stock_holds_key, stock_mirror_key};
 use shop_redis::{OptimisticSettings, RedisOptimisticStock};
 use shop_server::StockStrategyName;
 use tokio::sync::Barrier;
 
-use crate::helpers::{Resp, Store, TestApp, race};
+use crate::helpers::{Resp, Store, TestApp, eventually, race};
 use crate::redis_locks::{REDIS, RedisNodes, prefix, redis_up};
+
+/// One order's reservation: its permit, or why the mirror refused it.
+async fn reserve(stock: &RedisOptimisticStock, lines: &[OrderLine]) -> Result<StockPermit, DomainError> {
+    let Admission { permit, mut verdicts } = stock.admit(&[lines]).await?;
+    verdicts.pop().unwrap_or(Ok(()))?;
+    Ok(permit)
+}
 
 /// A plain client of `url`, for what the tests do behind the application's back.
 async fn raw(url: &str) -> Client {
@@ -100,15 +107,6 @@ async fn strategy(app: &TestApp, max_retries: u32) -> RedisOptimisticStock {
     )
     .await
     .unwrap()
-}
-
-/// Polls until `check` holds, for at most five seconds (give-backs of dropped reservations are spawned).
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !check().await {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +196,7 @@ async fn a_flush_in_the_middle_of_the_race_never_oversells_and_reconcile_restore
     assert!(left >= 0, "no negative stock: {left}");
     assert_eq!(left + sold, 100, "every unit is in stock or sold");
 
-    let report = shop_server::reconcile(&app.settings).await.unwrap();
+    let report = shop_server::commands::reconcile(&app.settings).await.unwrap();
     eprintln!("{report}");
     assert!(report.busy.is_empty(), "{report}");
     assert_eq!(mirror(&redis, &app, option).await, Some(left), "the mirror is the database's stock again");
@@ -402,18 +400,18 @@ async fn reservations_are_given_back_once_whether_settled_dropped_or_cancelled()
         async move { holds(&redis, &app, option).await.len() == n }
     };
 
-    let permit = stock.acquire(&lines).await.unwrap();
+    let permit = reserve(&stock, &lines).await.unwrap();
     assert_eq!(mirror(&redis, &app, option).await, Some(996));
     stock.settle(permit, &[]).await;
     assert_eq!(mirror(&redis, &app, option).await, Some(1000), "rolled back: all given back");
     assert!(settled_hold(0).await);
 
-    let permit = stock.acquire(&lines).await.unwrap();
+    let permit = reserve(&stock, &lines).await.unwrap();
     stock.settle(permit, &[one(option, 3)]).await;
     assert_eq!(mirror(&redis, &app, option).await, Some(997), "committed 3 of the 4 reserved: 1 given back");
     assert!(settled_hold(0).await);
 
-    let permit = stock.acquire(&lines).await.unwrap();
+    let permit = reserve(&stock, &lines).await.unwrap();
     assert_eq!(mirror(&redis, &app, option).await, Some(993));
     drop(permit);
     eventually("a dropped reservation is given back", || async { mirror(&redis, &app, option).await == Some(997) })
@@ -429,7 +427,7 @@ async fn reservations_are_given_back_once_whether_settled_dropped_or_cancelled()
             let lines = [one(option, 1)];
             let task = tokio::spawn(async move {
                 barrier.wait().await;
-                let permit = stock.acquire(&lines).await;
+                let permit = reserve(&stock, &lines).await;
                 // Held a moment, then dropped without settling, unless aborted first.
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 drop(permit);
@@ -458,8 +456,8 @@ async fn an_empty_mirror_refuses_while_the_database_still_shows_the_unit() {
     let users = app.users(2, 0).await;
     let stock_strategy = strategy(&app, 50).await;
     // Takes the last unit in Redis and holds the reservation without writing the database.
-    let permit = stock_strategy.acquire(&[one(option, 1)]).await.unwrap();
-    let err = stock_strategy.acquire(&[one(option, 1)]).await.unwrap_err();
+    let permit = reserve(&stock_strategy, &[one(option, 1)]).await.unwrap();
+    let err = reserve(&stock_strategy, &[one(option, 1)]).await.unwrap_err();
     assert!(matches!(err, DomainError::OutOfStock { option_id: id } if id.get() == option), "{err:?}");
     // Over HTTP too, with the database still showing the unit.
     assert_eq!(stock(&app, option).await, 1);
@@ -488,27 +486,31 @@ async fn a_batch_is_admitted_in_arrival_order_and_settled_by_what_it_committed()
         vec![one(a, 1), one(b, 2)], // b: 1 left, wants 2: refused whole, a's unit stays for later orders
         vec![one(a, 2)],
         vec![one(a, 1)], // a is gone by now
+        // An option the database does not have refuses its order whole (validation refuses it first in the
+        // application): b's unit stays.
         vec![one(b, 1), one(unknown, 1)],
     ];
     let refs: Vec<&[OrderLine]> = orders.iter().map(Vec::as_slice).collect();
-    let admission = stock_strategy.acquire_batch(&refs).await.unwrap();
+    let admission = stock_strategy.admit(&refs).await.unwrap();
     let verdicts: Vec<Option<i64>> = admission
         .verdicts
         .iter()
         .map(|v| match v {
             Ok(()) => None,
-            Err(DomainError::OutOfStock { option_id }) => Some(option_id.get()),
+            Err(DomainError::OutOfStock { option_id } | DomainError::ProductOptionNotFound(option_id)) => {
+                Some(option_id.get())
+            }
             Err(other) => panic!("{other:?}"),
         })
         .collect();
-    assert_eq!(verdicts, vec![None, Some(b), None, Some(a), None]);
-    assert_eq!((mirror(&redis, &app, a).await, mirror(&redis, &app, b).await), (Some(0), Some(0)));
+    assert_eq!(verdicts, vec![None, Some(b), None, Some(a), Some(unknown)]);
+    assert_eq!((mirror(&redis, &app, a).await, mirror(&redis, &app, b).await), (Some(0), Some(1)));
     assert_eq!(mirror(&redis, &app, unknown).await, None, "no mirror for an option the database does not have");
     assert_eq!(holds(&redis, &app, a).await.len(), 1, "one hold per option for the whole batch");
 
-    // The batch's transaction committed orders 1 and 3; order 5 failed in it (its unknown option).
-    let taken: Vec<OrderLine> = [&orders[0], &orders[2]].into_iter().flatten().copied().collect();
+    // The batch's transaction committed order 1; order 3 failed in it: its two units of a come back.
+    let taken: Vec<OrderLine> = orders[0].clone();
     stock_strategy.settle(admission.permit, &taken).await;
-    assert_eq!((mirror(&redis, &app, a).await, mirror(&redis, &app, b).await), (Some(0), Some(1)));
+    assert_eq!((mirror(&redis, &app, a).await, mirror(&redis, &app, b).await), (Some(2), Some(1)));
     assert!(holds(&redis, &app, a).await.is_empty() && holds(&redis, &app, b).await.is_empty());
 }

@@ -1,0 +1,623 @@
+//! A batch of orders (one order with combining off), in five steps:
+//!
+//! 1. **Validate** with two reads for the whole batch (which users exist; the options with their products and
+//!    stock): orders that name an unknown user or option, a product off sale, or more than the read shows are
+//!    answered at once, without a lock or a transaction. Under a flash sale most buyers arrive after the last
+//!    unit went; this is where they learn it.
+//! 2. **Admit**: the strategy's protection for the union of the batch's options (ascending): a lock, a
+//!    reservation, or nothing; a strategy that decides outside the database refuses here what does not fit.
+//! 3. **Claim and allocate**, in the transaction: the strategy reads (or locks) the rows, and the domain's
+//!    allocation gives stock to the orders in arrival order, each all of its lines or none.
+//! 4. **Write and commit**: the winners' orders, items and payments with one multi-row statement per table,
+//!    their cart lines removed, the stock taken last (so row locks are held only until the commit just after),
+//!    and each idempotent response recorded, all in one commit.
+//! 5. **Settle** the strategy's permit with what was committed, then answer and publish.
+//!
+//! A transaction that fails for a reason of one order is retried one order at a time, so one bad order never
+//! fails the rest; one that lost an optimistic race is retried whole, per the strategy's policy.
+
+use std::collections::BTreeMap;
+
+use tokio::time::Instant;
+
+use super::{Core, PlaceJob, bump, micros};
+use crate::error::DomainError;
+use crate::idempotency::Recorder;
+use crate::ids::{ProductOptionId, UserId};
+use crate::money::Stock;
+use crate::order::{NewOrder, Order, OrderLine, OrderRequest};
+use crate::ports::stock::union_of;
+use crate::ports::{DomainEvent, StockPermit, StockTake};
+use crate::stock::allocate;
+
+/// What an order job asks.
+pub(in crate::services) struct OrderAsk {
+    pub(super) request: OrderRequest,
+    pub(super) recorder: Option<Recorder<Order>>,
+}
+
+/// An order of the batch that passed validation, priced.
+pub(super) struct ValidOrder {
+    job: PlaceJob,
+    new: NewOrder,
+}
+
+impl ValidOrder {
+    fn lines(&self) -> &[OrderLine] {
+        self.job.ask.request.lines()
+    }
+}
+
+impl Core {
+    /// Commits one batch of orders and answers each of them.
+    pub(super) async fn place(&self, batch: Vec<PlaceJob>) {
+        let started = Instant::now();
+        let size = batch.len();
+        let queued_us =
+            batch.iter().map(|job| micros(started.saturating_duration_since(job.queued_at))).max().unwrap_or(0);
+        let batch = self.still_wanted(batch);
+        if batch.is_empty() {
+            return;
+        }
+        let valid = match self.validate(batch).await {
+            Ok(valid) if valid.is_empty() => return,
+            Ok(valid) => valid,
+            Err((batch, e)) => {
+                for job in batch {
+                    job.answer(Err(e.replicate()));
+                }
+                return;
+            }
+        };
+        let validate_us = micros(started.elapsed());
+        let lines: Vec<&[OrderLine]> = valid.iter().map(ValidOrder::lines).collect();
+        let waited = Instant::now();
+        let admission = match self.stock.admit(&lines).await {
+            Ok(admission) => admission,
+            Err(e) => {
+                for order in valid {
+                    order.job.answer(Err(e.replicate()));
+                }
+                return;
+            }
+        };
+        if admission.permit.is_held() {
+            bump(&self.stats.lock_acquisitions, 1);
+            bump(&self.stats.lock_wait_micros, micros(waited.elapsed()));
+        }
+        let mut admitted = Vec::with_capacity(valid.len());
+        for (order, verdict) in valid.into_iter().zip(admission.verdicts) {
+            match verdict {
+                Ok(()) => admitted.push(order),
+                Err(refused) => {
+                    bump(&self.stats.refused_early, 1);
+                    order.job.answer(Err(refused));
+                }
+            }
+        }
+        let acquire_us = micros(waited.elapsed());
+        let committing = Instant::now();
+        let outcomes = self.commit_isolating(&admitted, &admission.permit).await;
+        let commit_us = micros(committing.elapsed());
+        let taken: Vec<OrderLine> = admitted
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| outcome.is_ok())
+            .flat_map(|(order, _)| order.lines().iter().copied())
+            .collect();
+        // The permit (locks, a reservation) is settled only now, after the commit or the rollback.
+        self.stock.settle(admission.permit, &taken).await;
+        for (order, outcome) in admitted.into_iter().zip(outcomes) {
+            if let Ok(placed) = &outcome {
+                bump(&self.stats.placed, 1);
+                self.events.publish(DomainEvent::OrderCreated {
+                    order_id: placed.id,
+                    user_id: placed.user_id,
+                    total_price: placed.total_price,
+                });
+            }
+            order.job.answer(outcome);
+        }
+        // Where a batch's time goes (the benchmark aggregates these): how long its oldest order queued, then
+        // validation, the strategy's protection, and the transaction.
+        tracing::debug!(
+            size,
+            queued_us,
+            validate_us,
+            acquire_us,
+            commit_us,
+            total_us = micros(started.elapsed()),
+            "order batch"
+        );
+    }
+
+    /// Validates and prices every order against two reads, answers the ones that cannot go on, and returns the
+    /// rest in arrival order. On a failed read, the whole batch comes back with the error.
+    async fn validate(&self, batch: Vec<PlaceJob>) -> Result<Vec<ValidOrder>, (Vec<PlaceJob>, DomainError)> {
+        let mut users: Vec<UserId> = batch.iter().map(|job| job.ask.request.user_id()).collect();
+        users.sort_unstable();
+        users.dedup();
+        let lines: Vec<&[OrderLine]> = batch.iter().map(|job| job.ask.request.lines()).collect();
+        let ids: Vec<ProductOptionId> = union_of(&lines).iter().map(|l| l.option_id).collect();
+        let (known, options) = tokio::join!(self.users.existing(&users), self.orders.orderable_options(&ids));
+        let (known, options) = match (known, options) {
+            (Ok(known), Ok(options)) => (known, options),
+            (Err(e), _) | (_, Err(e)) => return Err((batch, e)),
+        };
+        let levels: BTreeMap<ProductOptionId, Stock> = options.iter().map(|o| (o.option.id, o.option.stock)).collect();
+        let now = self.clock.now();
+        let mut valid = Vec::with_capacity(batch.len());
+        for job in batch {
+            let request = &job.ask.request;
+            let verdict = if known.contains(&request.user_id()) {
+                NewOrder::price(request, &options, now).and_then(|new| {
+                    // Short already at the read (judged alone: the batch's allocation decides between them).
+                    match allocate(&levels, [request.lines()]).verdicts.pop() {
+                        Some(Err(short)) => {
+                            bump(&self.stats.refused_early, 1);
+                            Err(short)
+                        }
+                        _ => Ok(new),
+                    }
+                })
+            } else {
+                Err(DomainError::UserNotFound(request.user_id()))
+            };
+            match verdict {
+                Ok(new) => valid.push(ValidOrder { job, new }),
+                Err(refused) => job.answer(Err(refused)),
+            }
+        }
+        Ok(valid)
+    }
+
+    /// The batch in one transaction; if that fails for any reason but a lost race, each order alone.
+    async fn commit_isolating(&self, batch: &[ValidOrder], permit: &StockPermit) -> Vec<Result<Order, DomainError>> {
+        match self.commit_retrying(batch, permit).await {
+            Ok(outcomes) => outcomes,
+            Err(e) if batch.len() > 1 => {
+                bump(&self.stats.batch_splits, 1);
+                tracing::warn!(size = batch.len(), error = %e, "an order batch failed; committing its orders one by one");
+                let mut outcomes = Vec::with_capacity(batch.len());
+                for one in batch.chunks(1) {
+                    let outcome = self.commit_retrying(one, permit).await.and_then(|mut outcome| {
+                        outcome.pop().unwrap_or_else(|| Err(DomainError::unexpected("a batch of one answered nothing")))
+                    });
+                    outcomes.push(outcome);
+                }
+                outcomes
+            }
+            Err(e) => vec![Err(e)],
+        }
+    }
+
+    async fn commit_retrying(
+        &self,
+        batch: &[ValidOrder],
+        permit: &StockPermit,
+    ) -> Result<Vec<Result<Order, DomainError>>, DomainError> {
+        let retry = self.stock.retry_policy();
+        let mut attempt = 0;
+        loop {
+            match self.commit(batch, permit).await {
+                Err(DomainError::WriteConflict) if attempt < retry.max_retries => {
+                    bump(&self.stats.retries, 1);
+                    tokio::time::sleep(retry.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(DomainError::WriteConflict) => {
+                    tracing::warn!(attempts = attempt + 1, "a batch's stock write kept losing; giving up");
+                    return Err(DomainError::LockTimeout { retry_after_secs: 1 });
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One transaction for the batch: `Ok` holds each order's outcome (stored, or refused); `Err` is a failure
+    /// of the transaction itself, which then kept nothing.
+    async fn commit(
+        &self,
+        batch: &[ValidOrder],
+        permit: &StockPermit,
+    ) -> Result<Vec<Result<Order, DomainError>>, DomainError> {
+        let now = self.clock.now();
+        let lines: Vec<&[OrderLine]> = batch.iter().map(ValidOrder::lines).collect();
+        let ids: Vec<ProductOptionId> = union_of(&lines).iter().map(|l| l.option_id).collect();
+        let began = Instant::now();
+        let mut tx = self.uow.begin().await?;
+        let rows = self.stock.claim(tx.as_mut(), &ids).await?;
+        // The claim may have waited for row locks: an order whose caller has gone meanwhile is not allocated.
+        let gone: Vec<Option<DomainError>> = batch.iter().map(|order| order.job.abandoned()).collect();
+        let available: BTreeMap<ProductOptionId, Stock> = rows.iter().map(|r| (r.option_id, r.stock)).collect();
+        let wanted = batch.iter().zip(&gone).filter(|(_, gone)| gone.is_none()).map(|(order, _)| order.lines());
+        let allocation = allocate(&available, wanted);
+        let mut allocated = allocation.verdicts.into_iter();
+        let verdicts: Vec<Result<(), DomainError>> = gone
+            .into_iter()
+            .map(|gone| match gone {
+                Some(why) => {
+                    bump(&self.stats.abandoned, 1);
+                    Err(why)
+                }
+                None => allocated.next().unwrap_or_else(|| Err(DomainError::unexpected("an order was not allocated"))),
+            })
+            .collect();
+        let winners: Vec<&ValidOrder> =
+            batch.iter().zip(&verdicts).filter(|(_, v)| v.is_ok()).map(|(o, _)| o).collect();
+        if winners.is_empty() {
+            // Nothing to write: the transaction rolls back on drop, and every order has its refusal.
+            return Ok(verdicts
+                .into_iter()
+                .map(|v| Err(v.err().unwrap_or_else(|| DomainError::unexpected("an allocated order was lost"))))
+                .collect());
+        }
+        let news: Vec<NewOrder> = winners.iter().map(|o| NewOrder { ordered_at: now, ..o.new.clone() }).collect();
+        let stored = tx.insert_orders(&news).await?;
+        let carts: Vec<(UserId, Vec<ProductOptionId>)> = winners
+            .iter()
+            .map(|o| (o.job.ask.request.user_id(), o.lines().iter().map(|l| l.option_id).collect()))
+            .collect();
+        tx.remove_from_carts(&carts, now).await?;
+        let takes: Vec<StockTake> = rows
+            .iter()
+            .filter_map(|row| allocation.taken.get(&row.option_id).map(|units| StockTake { row: *row, units: *units }))
+            .collect();
+        // Last, so that whatever it locks is held only until the commit just below.
+        self.stock.take(tx.as_mut(), &takes, permit, now).await?;
+        for (order, placed) in winners.iter().zip(&stored) {
+            if let Some(recorder) = &order.job.ask.recorder {
+                recorder.record_in(tx.as_mut(), &Ok(placed.clone()), now).await?;
+            }
+        }
+        let statements_us = micros(began.elapsed());
+        let committing = Instant::now();
+        tx.commit().await?;
+        tracing::debug!(
+            orders = winners.len(),
+            statements_us,
+            commit_us = micros(committing.elapsed()),
+            "order batch transaction"
+        );
+        bump(&self.stats.order_batches, 1);
+        let mut stored = stored.into_iter();
+        Ok(verdicts
+            .into_iter()
+            .map(|v| {
+                v.and_then(|()| {
+                    stored.next().ok_or_else(|| DomainError::unexpected("fewer orders stored than allocated"))
+                })
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use tokio::sync::{Semaphore, oneshot};
+
+    use super::super::testing::*;
+    use super::super::{Combining, Job};
+    use super::*;
+    use crate::ids::{OrderId, PaymentId};
+    use crate::money::Money;
+    use crate::order::OrderStatus;
+    use crate::payment::{Payment, PaymentMethod, PaymentStatus};
+    use crate::ports::{
+        Admission, Connection, FencedWrite, MockOrderRepository, MockTransaction, MockUserRepository, RetryPolicy,
+        StockRow, StockStrategy,
+    };
+    use crate::product::ProductStatus;
+    use crate::stock::{ConditionalStock, OptimisticStock};
+
+    type Answer = oneshot::Receiver<Result<Order, DomainError>>;
+
+    fn job(user: i64, lines: &[(i64, i64)]) -> (PlaceJob, Answer) {
+        Job::new(OrderAsk { request: request(user, lines), recorder: None }, Duration::from_secs(5), None)
+    }
+
+    fn job_on(user: i64, lines: &[(i64, i64)], connection: Arc<dyn Connection>) -> (PlaceJob, Answer) {
+        Job::new(OrderAsk { request: request(user, lines), recorder: None }, Duration::from_secs(5), Some(connection))
+    }
+
+    /// What the store returns for inserted orders: ids from 1 in the order given.
+    fn stored(news: &[NewOrder]) -> Vec<Order> {
+        news.iter()
+            .enumerate()
+            .map(|(i, new)| {
+                let id = OrderId::new(i as i64 + 1).unwrap();
+                Order {
+                    id,
+                    user_id: new.user_id,
+                    status: OrderStatus::PendingPayment,
+                    total_price: new.total_price,
+                    ordered_at: new.ordered_at,
+                    items: new.items.clone(),
+                    payment: Payment {
+                        id: PaymentId::new(i as i64 + 1).unwrap(),
+                        order_id: id,
+                        user_id: new.user_id,
+                        status: PaymentStatus::Pending,
+                        method: PaymentMethod::Balance,
+                        amount: new.total_price,
+                        paid_at: None,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// A transaction of a batch over options with `stock` units each, that inserts `orders` orders and takes
+    /// `units` of option 1, then commits.
+    fn batch_tx(stock: i64, orders: usize, units: i64) -> MockTransaction {
+        let mut tx = MockTransaction::new();
+        tx.expect_read_stock().returning(move |ids| {
+            Ok(ids
+                .iter()
+                .map(|id| StockRow { option_id: *id, stock: Stock::new(stock).unwrap(), version: 1 })
+                .collect())
+        });
+        tx.expect_insert_orders().withf(move |news| news.len() == orders).times(1).returning(|news| Ok(stored(news)));
+        tx.expect_remove_from_carts().withf(move |carts, _| carts.len() == orders).returning(|_, _| Ok(()));
+        tx.expect_decrement_stock()
+            .withf(move |id, n, fence, _| id.get() != 1 || (*n == units && fence.is_none()))
+            .returning(|_, _, _, _| Ok(FencedWrite::Written));
+        tx.expect_commit().times(1).returning(|| Ok(()));
+        tx
+    }
+
+    #[tokio::test]
+    async fn a_batch_allocates_in_arrival_order_and_commits_the_winners_in_one_transaction() {
+        // Three units for four buyers of one each, and a fifth who wants two: the first three win, the rest are
+        // refused inside the transaction, and one commit holds the three orders.
+        let (core, events) = core(vec![batch_tx(3, 3, 3)], Arc::new(ConditionalStock), catalogue(3), everyone());
+        let jobs: Vec<_> = (1..=4).map(|u| job(u, &[(1, 1)])).chain([job(5, &[(1, 2)])]).collect();
+        let (jobs, answers): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
+        core.place(jobs).await;
+        let mut outcomes = Vec::new();
+        for answer in answers {
+            outcomes.push(answer.await.unwrap());
+        }
+        assert!(outcomes[..3].iter().all(Result::is_ok));
+        for refused in &outcomes[3..] {
+            assert!(matches!(refused, Err(DomainError::OutOfStock { option_id }) if *option_id == oid(1)));
+        }
+        assert_eq!(events.lock().unwrap().len(), 3, "order.created after the commit, for the winners only");
+        assert_eq!(core.stats.order_batches.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_users_options_and_products_off_sale_are_answered_before_any_transaction() {
+        let mut orders = MockOrderRepository::new();
+        orders
+            .expect_orderable_options()
+            .returning(|_| Ok(vec![orderable(1, 5, ProductStatus::Active), orderable(2, 5, ProductStatus::Inactive)]));
+        let mut users = MockUserRepository::new();
+        users.expect_existing().returning(|ids| Ok(ids.iter().filter(|id| id.get() != 9).copied().collect()));
+        // No transaction is expected: `uow` fails the test if one begins.
+        let (core, _) = core(vec![], Arc::new(ConditionalStock), orders, users);
+        let (a, ra) = job(9, &[(1, 1)]);
+        let (b, rb) = job(1, &[(1, 1), (3, 1)]);
+        let (c, rc) = job(1, &[(2, 1)]);
+        let (d, rd) = job(1, &[(1, 6)]);
+        core.place(vec![a, b, c, d]).await;
+        assert!(matches!(ra.await.unwrap(), Err(DomainError::UserNotFound(_))));
+        assert!(matches!(rb.await.unwrap(), Err(DomainError::ProductOptionNotFound(id)) if id == oid(3)));
+        assert!(matches!(rc.await.unwrap(), Err(DomainError::ProductNotOnSale { .. })));
+        assert!(matches!(rd.await.unwrap(), Err(DomainError::OutOfStock { .. })), "short at the read");
+        assert_eq!(core.stats.refused_early.load(Ordering::Relaxed), 1);
+    }
+
+    /// A strategy that admits only the orders of odd users, as a reservation that ran out would.
+    struct OddUsersOnly;
+
+    #[async_trait]
+    impl StockStrategy for OddUsersOnly {
+        fn name(&self) -> &'static str {
+            "odd"
+        }
+
+        async fn admit(&self, orders: &[&[OrderLine]]) -> Result<Admission, DomainError> {
+            let verdicts = (0..orders.len())
+                .map(|i| if i % 2 == 0 { Ok(()) } else { Err(DomainError::OutOfStock { option_id: oid(1) }) })
+                .collect();
+            Ok(Admission { permit: StockPermit::none(), verdicts })
+        }
+    }
+
+    #[tokio::test]
+    async fn orders_the_strategy_does_not_admit_never_reach_the_transaction() {
+        let (core, _) = core(vec![batch_tx(10, 2, 2)], Arc::new(OddUsersOnly), catalogue(10), everyone());
+        let (jobs, answers): (Vec<_>, Vec<_>) = (1..=4).map(|u| job(u, &[(1, 1)])).unzip();
+        core.place(jobs).await;
+        let mut fitted = Vec::new();
+        for answer in answers {
+            fitted.push(answer.await.unwrap().is_ok());
+        }
+        assert_eq!(fitted, vec![true, false, true, false]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_is_split_and_only_the_failing_order_fails() {
+        let mut failing = MockTransaction::new();
+        failing.expect_read_stock().returning(|ids| {
+            Ok(ids.iter().map(|id| StockRow { option_id: *id, stock: Stock::new(10).unwrap(), version: 1 }).collect())
+        });
+        failing.expect_insert_orders().returning(|_| Err(DomainError::unexpected("a trigger refused one row")));
+        failing.expect_commit().never();
+        let mut alone_fails = MockTransaction::new();
+        alone_fails.expect_read_stock().returning(|ids| {
+            Ok(ids.iter().map(|id| StockRow { option_id: *id, stock: Stock::new(10).unwrap(), version: 1 }).collect())
+        });
+        alone_fails.expect_insert_orders().returning(|_| Err(DomainError::unexpected("a trigger refused one row")));
+        alone_fails.expect_commit().never();
+        let txs = vec![failing, batch_tx(10, 1, 1), alone_fails, batch_tx(10, 1, 1)];
+        let (core, events) = core(txs, Arc::new(ConditionalStock), catalogue(10), everyone());
+        let (jobs, answers): (Vec<_>, Vec<_>) = (1..=3).map(|u| job(u, &[(1, 1)])).unzip();
+        core.place(jobs).await;
+        let mut outcomes = Vec::new();
+        for answer in answers {
+            outcomes.push(answer.await.unwrap());
+        }
+        assert!(outcomes[0].is_ok() && outcomes[2].is_ok());
+        assert!(matches!(outcomes[1], Err(DomainError::Unexpected(_))));
+        assert_eq!(core.stats.batch_splits.load(Ordering::Relaxed), 1);
+        assert_eq!(events.lock().unwrap().len(), 2);
+    }
+
+    fn optimistic_tx(wins: bool) -> MockTransaction {
+        let mut tx = MockTransaction::new();
+        tx.expect_read_stock()
+            .returning(|ids| Ok(vec![StockRow { option_id: ids[0], stock: Stock::new(10).unwrap(), version: 3 }]));
+        tx.expect_insert_orders().returning(|news| Ok(stored(news)));
+        tx.expect_remove_from_carts().returning(|_, _| Ok(()));
+        tx.expect_write_stock()
+            .withf(|_, left, version, _| left.get() == 9 && *version == Some(3))
+            .returning(move |_, _, _, _| Ok(wins));
+        if wins {
+            tx.expect_commit().times(1).returning(|| Ok(()));
+        } else {
+            tx.expect_commit().never();
+        }
+        tx
+    }
+
+    fn optimistic(max_retries: u32) -> Arc<OptimisticStock> {
+        Arc::new(OptimisticStock::new(RetryPolicy {
+            max_retries,
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(4),
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_lost_optimistic_race_retries_the_whole_transaction_and_is_counted() {
+        let txs = vec![optimistic_tx(false), optimistic_tx(false), optimistic_tx(true)];
+        let (core, _) = core(txs, optimistic(5), catalogue(10), everyone());
+        let (one, answer) = job(1, &[(1, 1)]);
+        core.place(vec![one]).await;
+        assert!(answer.await.unwrap().is_ok());
+        assert_eq!(core.stats.retries.load(Ordering::Relaxed), 2);
+        assert_eq!(core.stats.lock_acquisitions.load(Ordering::Relaxed), 0, "optimistic takes no lock");
+    }
+
+    #[tokio::test]
+    async fn optimistic_retries_that_run_out_are_a_lock_timeout() {
+        let txs = vec![optimistic_tx(false), optimistic_tx(false), optimistic_tx(false)];
+        let (core, _) = core(txs, optimistic(2), catalogue(10), everyone());
+        let (one, answer) = job(1, &[(1, 1)]);
+        core.place(vec![one]).await;
+        assert!(matches!(answer.await.unwrap(), Err(DomainError::LockTimeout { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_caller_gone_before_the_batch_is_answered_without_a_read() {
+        let closed = Arc::new(TestConnection(AtomicBool::new(true)));
+        // Neither the validation reads nor a transaction may run.
+        let (core, _) = core(vec![], Arc::new(ConditionalStock), MockOrderRepository::new(), MockUserRepository::new());
+        let (gone, answer) = job_on(1, &[(1, 1)], closed);
+        let (dropped, dropped_answer) = job(2, &[(1, 1)]);
+        drop(dropped_answer);
+        core.place(vec![gone, dropped]).await;
+        assert!(matches!(answer.await.unwrap(), Err(DomainError::Unavailable { .. })));
+        assert_eq!(core.stats.abandoned.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_caller_who_hangs_up_while_the_batch_waits_for_its_rows_is_not_committed() {
+        let hangs_up = Arc::new(TestConnection(AtomicBool::new(false)));
+        let closer = hangs_up.clone();
+        let mut tx = MockTransaction::new();
+        // The claim is where a batch waits (a row lock held elsewhere): the caller hangs up meanwhile.
+        tx.expect_read_stock().returning(move |ids| {
+            closer.0.store(true, Ordering::SeqCst);
+            Ok(ids.iter().map(|id| StockRow { option_id: *id, stock: Stock::new(10).unwrap(), version: 1 }).collect())
+        });
+        tx.expect_insert_orders()
+            .withf(|news| news.len() == 1 && news[0].user_id == uid(2))
+            .times(1)
+            .returning(|news| Ok(stored(news)));
+        tx.expect_remove_from_carts().returning(|_, _| Ok(()));
+        tx.expect_decrement_stock()
+            .withf(|_, units, _, _| *units == 1)
+            .times(1)
+            .returning(|_, _, _, _| Ok(FencedWrite::Written));
+        tx.expect_commit().times(1).returning(|| Ok(()));
+        let (core, events) = core(vec![tx], Arc::new(ConditionalStock), catalogue(10), everyone());
+        let (leaving, left) = job_on(1, &[(1, 1)], hangs_up);
+        let (staying, stays) = job(2, &[(1, 1)]);
+        core.place(vec![leaving, staying]).await;
+        assert!(matches!(left.await.unwrap(), Err(DomainError::Unavailable { .. })));
+        assert_eq!(stays.await.unwrap().unwrap().user_id, uid(2));
+        assert_eq!(events.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_order_past_its_deadline_is_a_lock_timeout_without_a_transaction() {
+        let (core, _) = core(vec![], Arc::new(ConditionalStock), MockOrderRepository::new(), MockUserRepository::new());
+        let (late, answer) =
+            Job::new(OrderAsk { request: request(1, &[(1, 1)]), recorder: None }, Duration::ZERO, None);
+        core.place(vec![late]).await;
+        assert!(matches!(answer.await.unwrap(), Err(DomainError::LockTimeout { .. })));
+    }
+
+    /// A strategy whose admission waits for a permit the test hands out, then refuses: a lock held elsewhere.
+    struct Gate(Arc<Semaphore>);
+
+    #[async_trait]
+    impl StockStrategy for Gate {
+        fn name(&self) -> &'static str {
+            "gate"
+        }
+
+        async fn admit(&self, _: &[&[OrderLine]]) -> Result<Admission, DomainError> {
+            let _permit = self.0.acquire().await.map_err(DomainError::unexpected)?;
+            Err(DomainError::LockTimeout { retry_after_secs: 1 })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_lane_sheds_at_once_while_other_options_still_queue() {
+        let gate = Arc::new(Semaphore::new(0));
+        let (service, _) = service(vec![], Arc::new(Gate(gate.clone())), catalogue(10), everyone());
+        let service = service.combining(Combining { batch_max: 1_000, queue_max: 2, wait: Duration::from_secs(30) });
+        let place = |user: i64, option: i64| {
+            let service = service.clone();
+            tokio::spawn(async move { service.place(request(user, &[(option, 1)]), None, None).await })
+        };
+        // The first order holds option 1's lane at the gate; two more queue behind it; the fourth is shed.
+        let first = place(1, 1);
+        let lanes = service.placing.clone().unwrap();
+        while lanes.active() != 1 || lanes.queued() != 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let queued = [place(2, 1), place(3, 1)];
+        while service.queued().0 != 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let shed = service.place(request(4, &[(1, 1)]), None, None).await;
+        assert!(matches!(shed, Err(DomainError::Unavailable { .. })), "{shed:?}");
+        assert_eq!(service.core.stats.shed.load(Ordering::Relaxed), 1);
+        // Option 2 has its own lane, with room.
+        let other = place(5, 2);
+        gate.add_permits(10);
+        for task in [first, other].into_iter().chain(queued) {
+            assert!(matches!(task.await.unwrap(), Err(DomainError::LockTimeout { .. })));
+        }
+    }
+
+    #[tokio::test]
+    async fn with_combining_off_an_order_is_a_batch_of_one_in_the_callers_task() {
+        let (service, events) = service(vec![batch_tx(5, 1, 2)], Arc::new(ConditionalStock), catalogue(5), everyone());
+        let placed = service.place(request(1, &[(1, 2)]), None, None).await.unwrap();
+        assert_eq!(placed.total_price, Money::new(2000).unwrap());
+        assert!(
+            matches!(events.lock().unwrap()[0], DomainEvent::OrderCreated { order_id, .. } if order_id == placed.id)
+        );
+    }
+}

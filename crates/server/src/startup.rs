@@ -1,0 +1,172 @@
+//! Start-up: the database, the wiring and the listener, as one [`Application`] that the binary runs and the API
+//! tests spawn (on port 0, with a clock of their own).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::HttpServer;
+use actix_web::dev::{Server, ServerHandle};
+use sea_orm::DatabaseConnection;
+use shop_domain::DomainError;
+use shop_domain::ports::Clock;
+use shop_domain::services::{IdempotencyService, OrderService};
+use shop_persistence::PoolSettings;
+use tokio::task::JoinHandle;
+
+use crate::config::{self, ConfigError, Settings, StockStrategy as StockStrategyName};
+use crate::events::{self, BroadcastPublisher};
+use crate::{background, wiring};
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("database {url}: {source}")]
+    Database { url: String, source: sea_orm::DbErr },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("the server failed: {0}")]
+    Serve(std::io::Error),
+    #[error("{strategy} cannot reach Redis: {source}")]
+    Redis { strategy: StockStrategyName, source: shop_redis::LockError },
+    #[error("reconciling the stock mirror failed: {0}")]
+    Reconcile(DomainError),
+}
+
+impl StartupError {
+    pub(crate) fn database(settings: &Settings) -> impl FnOnce(sea_orm::DbErr) -> Self + '_ {
+        |source| Self::Database { url: config::redact_url(&settings.database_url), source }
+    }
+}
+
+/// Opens the pool and applies pending migrations.
+///
+/// # Errors
+/// [`StartupError::Database`] when the database cannot be reached or migrated.
+pub async fn connect_and_migrate(settings: &Settings) -> Result<DatabaseConnection, StartupError> {
+    let pool = PoolSettings {
+        max_connections: settings.db_max_connections,
+        acquire_timeout: Duration::from_secs(settings.db_acquire_timeout_secs),
+    };
+    let db = shop_persistence::connect(&settings.database_url, pool).await.map_err(StartupError::database(settings))?;
+    shop_persistence::migrate(&db, &settings.database_url).await.map_err(StartupError::database(settings))?;
+    Ok(db)
+}
+
+/// A bound server with everything wired, not yet running.
+pub struct Application {
+    server: Server,
+    port: u16,
+    db: DatabaseConnection,
+    orders: OrderService,
+    idempotency: IdempotencyService,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application").field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Connects, migrates, seeds an empty embedded database, wires the use cases on `clock` and binds the
+    /// listener.
+    ///
+    /// # Errors
+    /// [`StartupError`] saying what is wrong.
+    pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
+        settings.validate()?;
+        let db = connect_and_migrate(&settings).await?;
+        if settings.is_sqlite() && settings.seed_demo {
+            let seeded =
+                shop_persistence::seed::seed_demo(&db, clock.now()).await.map_err(StartupError::database(&settings))?;
+            if let Some(seeded) = seeded {
+                tracing::info!(
+                    users = seeded.users,
+                    products = seeded.products,
+                    options = seeded.options,
+                    "seeded the empty embedded database with demo data"
+                );
+            }
+        }
+        let events = BroadcastPublisher::new(1024);
+        let mut background = vec![tokio::spawn(events::log_events(events.subscribe()))];
+        let (state, mirror) = wiring::wire(&settings, &db, clock, Arc::new(events)).await?;
+        background.push(tokio::spawn(background::sweep(
+            state.orders.clone(),
+            state.idempotency.clone(),
+            settings.order_payment_timeout,
+            settings.order_sweep_interval,
+        )));
+        if let Some(mirror) = mirror {
+            background
+                .push(tokio::spawn(background::reconcile_periodically(mirror, settings.stock_reconcile_interval)));
+        }
+        let orders = state.orders.clone();
+        let idempotency = state.idempotency.clone();
+        let doc = shop_http::openapi();
+        let mut server = HttpServer::new(move || shop_http::app(state.clone(), doc.clone()))
+            // Requests that wait in an order lane are dropped if their client hangs up meanwhile.
+            .on_connect(shop_http::connection::watch)
+            // In-flight requests get this long to finish after SIGTERM.
+            .shutdown_timeout(10);
+        if let Some(workers) = settings.http_workers {
+            server = server.workers(workers);
+        }
+        let server = server
+            .bind(settings.http_addr)
+            .map_err(|source| StartupError::Bind { addr: settings.http_addr, source })?;
+        let port = server.addrs().first().map_or(settings.http_addr.port(), std::net::SocketAddr::port);
+        tracing::info!(
+            addr = %settings.http_addr, port, strategy = %settings.stock_strategy,
+            "listening; Swagger UI at /swagger-ui/"
+        );
+        Ok(Self { server: server.run(), port, db, orders, idempotency, background })
+    }
+
+    #[must_use]
+    pub const fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server gracefully (what SIGTERM does).
+    #[must_use]
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// The pool the application uses, for tests that look at the rows behind an answer.
+    #[must_use]
+    pub fn database(&self) -> DatabaseConnection {
+        self.db.clone()
+    }
+
+    /// The idempotency use case as wired, for tests that drive the purge directly.
+    #[must_use]
+    pub fn idempotency(&self) -> IdempotencyService {
+        self.idempotency.clone()
+    }
+
+    /// The order use case as wired, for tests that drive the sweeper directly.
+    #[must_use]
+    pub fn orders(&self) -> OrderService {
+        self.orders.clone()
+    }
+
+    /// Serves until SIGTERM / SIGINT (graceful) or [`ServerHandle::stop`].
+    ///
+    /// # Errors
+    /// The server's I/O error.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let served = self.server.await;
+        for task in &self.background {
+            task.abort();
+        }
+        served?;
+        self.db.close().await.ok();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

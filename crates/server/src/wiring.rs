@@ -1,0 +1,147 @@
+//! One factory for every adapter the settings choose: the stock strategy, the stores, the use cases.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sea_orm::DatabaseConnection;
+use shop_domain::ports::{Clock, NoStockMirror, OrderRepository, Probe, RetryPolicy, StockMirror, StockStrategy};
+use shop_domain::services::{CartService, CatalogService, Combining, IdempotencyService, OrderService, UserService};
+use shop_domain::stock::{ConditionalStock, LocalLockStock, OptimisticStock, PessimisticStock};
+use shop_http::AppState;
+use shop_persistence::{
+    DatabaseProbe, SeaCartRepository, SeaIdempotencyStore, SeaOrderRepository, SeaProductRepository, SeaUnitOfWork,
+    SeaUserRepository,
+};
+use shop_redis::{OptimisticSettings, PubSubLock, RedisLockStock, RedisOptimisticStock, Redlock, SpinLock};
+
+use crate::config::{Settings, StockStrategy as StockStrategyName};
+use crate::events::BroadcastPublisher;
+use crate::startup::StartupError;
+
+/// Idempotency keys are kept this long (the API contract's 24 hours).
+const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// A running request holds its key this long; a claim older than that belongs to a request that died, and a
+/// retry may take it over. Far longer than any request runs (lock waits and pool waits are bounded in seconds).
+const IDEMPOTENCY_LEASE: Duration = Duration::from_secs(60);
+
+/// The stock strategy the settings name, the probe of what it depends on beyond the database, and its stock
+/// mirror when it keeps one (`redis-optimistic`).
+struct StockWiring {
+    strategy: Arc<dyn StockStrategy>,
+    probe: Option<Arc<dyn Probe>>,
+    mirror: Option<RedisOptimisticStock>,
+}
+
+impl StockWiring {
+    fn plain(strategy: Arc<dyn StockStrategy>) -> Self {
+        Self { strategy, probe: None, mirror: None }
+    }
+
+    fn redis(strategy: Arc<dyn StockStrategy>, probe: shop_redis::RedisProbe) -> Self {
+        Self { strategy, probe: Some(Arc::new(probe)), mirror: None }
+    }
+}
+
+/// The `redis-optimistic` strategy the settings describe; `levels` reads the database's stock.
+pub(crate) async fn redis_optimistic(
+    settings: &Settings,
+    levels: Arc<dyn OrderRepository>,
+) -> Result<RedisOptimisticStock, StartupError> {
+    let optimistic = OptimisticSettings {
+        prefix: settings.redis_key_prefix.clone(),
+        max_retries: settings.optimistic_max_retries,
+        wait: Duration::from_millis(settings.lock_wait_ms),
+    };
+    RedisOptimisticStock::connect(settings.redis_url.as_deref().unwrap_or_default(), levels, optimistic)
+        .await
+        .map_err(|source| StartupError::Redis { strategy: settings.stock_strategy, source })
+}
+
+async fn stock_strategy(settings: &Settings, levels: Arc<dyn OrderRepository>) -> Result<StockWiring, StartupError> {
+    let wait = Duration::from_millis(settings.lock_wait_ms);
+    let lease = Duration::from_millis(settings.lock_lease_ms);
+    let redis_error = |source: shop_redis::LockError| StartupError::Redis { strategy: settings.stock_strategy, source };
+    let redis_url = || settings.redis_url.clone().unwrap_or_default();
+    let prefix = || settings.redis_key_prefix.clone();
+    Ok(match settings.stock_strategy {
+        StockStrategyName::Conditional => StockWiring::plain(Arc::new(ConditionalStock)),
+        StockStrategyName::Pessimistic => StockWiring::plain(Arc::new(PessimisticStock)),
+        StockStrategyName::Optimistic => StockWiring::plain(Arc::new(OptimisticStock::new(RetryPolicy {
+            max_retries: settings.optimistic_max_retries,
+            base: Duration::from_millis(2),
+            cap: Duration::from_millis(100),
+        }))),
+        StockStrategyName::Local => {
+            if !settings.is_sqlite() {
+                tracing::warn!("the local strategy locks within this process only: run one instance per database");
+            }
+            StockWiring::plain(Arc::new(LocalLockStock::new(wait)))
+        }
+        StockStrategyName::RedisSpin => {
+            let lock = SpinLock::connect(&redis_url(), lease).await.map_err(redis_error)?;
+            let probe = lock.probe();
+            StockWiring::redis(Arc::new(RedisLockStock::new(lock, wait, prefix())), probe)
+        }
+        StockStrategyName::RedisPubsub => {
+            let lock = PubSubLock::connect(&redis_url(), lease).await.map_err(redis_error)?;
+            let probe = lock.probe();
+            StockWiring::redis(Arc::new(RedisLockStock::new(lock, wait, prefix())), probe)
+        }
+        StockStrategyName::RedisRedlock => {
+            let lock = Redlock::connect(&settings.redlock_urls, lease).await.map_err(redis_error)?;
+            let probe = lock.probe();
+            StockWiring::redis(Arc::new(RedisLockStock::new(lock, wait, prefix())), probe)
+        }
+        StockStrategyName::RedisOptimistic => {
+            let stock = redis_optimistic(settings, levels).await?;
+            let mut wiring = StockWiring::redis(Arc::new(stock.clone()), stock.probe());
+            wiring.mirror = Some(stock);
+            wiring
+        }
+    })
+}
+
+/// Every use case on the adapters the settings choose, and the stock mirror when the strategy keeps one.
+pub(crate) async fn wire(
+    settings: &Settings,
+    db: &DatabaseConnection,
+    clock: Arc<dyn Clock>,
+    events: Arc<BroadcastPublisher>,
+) -> Result<(AppState, Option<RedisOptimisticStock>), StartupError> {
+    let orders = Arc::new(SeaOrderRepository::new(db.clone()));
+    let StockWiring { strategy: stock, probe: stock_probe, mirror } = stock_strategy(settings, orders.clone()).await?;
+    let stock_mirror: Arc<dyn StockMirror> = match &mirror {
+        Some(mirror) => Arc::new(mirror.clone()),
+        None => Arc::new(NoStockMirror),
+    };
+    let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(DatabaseProbe::new(db.clone()))];
+    probes.extend(stock_probe);
+    let users = Arc::new(SeaUserRepository::new(db.clone()));
+    let products = Arc::new(SeaProductRepository::new(db.clone()));
+    let carts = Arc::new(SeaCartRepository::new(db.clone()));
+    let uow = Arc::new(SeaUnitOfWork::new(db.clone()));
+    let idempotency = Arc::new(SeaIdempotencyStore::new(db.clone()));
+    let combining = Combining {
+        batch_max: settings.order_batch_max as usize,
+        queue_max: settings.order_queue_max as usize,
+        wait: Duration::from_millis(settings.lock_wait_ms),
+    };
+    let state = AppState {
+        users: UserService::new(users.clone(), uow.clone(), clock.clone()),
+        idempotency: IdempotencyService::new(
+            idempotency,
+            uow.clone(),
+            clock.clone(),
+            IDEMPOTENCY_TTL,
+            IDEMPOTENCY_LEASE,
+        ),
+        catalog: CatalogService::new(products, clock.clone()).with_stock_mirror(stock_mirror.clone()),
+        orders: OrderService::new(uow.clone(), orders, users.clone(), stock, clock.clone(), events)
+            .with_stock_mirror(stock_mirror)
+            .combining(combining),
+        cart: CartService::new(carts, users, uow, clock),
+        admin_token: settings.admin_token.as_deref().map(Arc::from),
+        probes,
+    };
+    Ok((state, mirror))
+}
