@@ -29,7 +29,7 @@ struct Cli {
     )]
     strategies: Vec<String>,
     /// Scenarios: 100x100, 1000x1000, 1000on100, 1000x1000x2 (two instances), 5000x5000 (sustained), 100seq (one
-    /// buyer at a time).
+    /// buyer at a time), catalogue (1,000 buyers of one option with 1,000 buyers of 100 other options).
     #[arg(long, value_delimiter = ',', default_value = "100x100,1000x1000,1000on100,1000x1000x2,5000x5000,100seq")]
     scenarios: Vec<String>,
     /// Runs per cell; the median is reported.

@@ -107,6 +107,37 @@ pub fn write(out: &Path, cells: &[Cell], pay: bool) -> std::io::Result<String> {
             if c.all_correct { format!("yes ({} runs)", c.runs) } else { "**NO**".to_owned() },
         );
     }
+    if cells.iter().any(|c| c.median.cold.is_some()) {
+        let _ = writeln!(
+            md,
+            "\nA flash sale beside the catalogue (`catalogue`): the hot option's buyers and everyone else's, released \
+             at once:\n"
+        );
+        let _ = writeln!(
+            md,
+            "| strategy | batch | hot makespan ms | hot p50 | hot p99 | other options' p50 | p99 | max | their orders |"
+        );
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+        for c in cells {
+            let Some((cold, created)) = &c.median.cold else { continue };
+            let (mut hot, mut cold) = (c.median.latencies.clone(), cold.clone());
+            hot.sort();
+            cold.sort();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                c.strategy,
+                c.batch_max.map_or_else(|| "default".to_owned(), |b| b.to_string()),
+                ms(c.median.makespan),
+                ms(percentile(&hot, 50.0)),
+                ms(percentile(&hot, 99.0)),
+                ms(percentile(&cold, 50.0)),
+                ms(percentile(&cold, 99.0)),
+                ms(cold.last().copied().unwrap_or_default()),
+                created
+            );
+        }
+    }
     if pay {
         let _ = writeln!(md, "\nPayment phase (every buyer with an order pays it, all at once):\n");
         let _ = writeln!(md, "| strategy | batch | scenario | makespan ms | payments/s | p50 | p99 | paid |");
@@ -160,6 +191,14 @@ fn json(cells: &[Cell]) -> String {
                 "lockWaitMicros": c.median.counters.lock_wait_micros,
                 "correct": c.all_correct,
                 "referenceMs": reference_ms(&c.strategy, &c.scenario),
+                "otherOptionsLatenciesMs": c.median.cold.as_ref().map(|(l, _)| {
+                    let mut l = l.clone();
+                    l.sort();
+                    serde_json::json!({
+                        "p50": percentile(&l, 50.0).as_secs_f64() * 1000.0,
+                        "p99": percentile(&l, 99.0).as_secs_f64() * 1000.0,
+                    })
+                }),
             })
         })
         .collect();

@@ -15,30 +15,51 @@ use crate::instances::{self, ADMIN_TOKEN, FreshDatabase};
 /// Buyers, units of stock, and instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scenario {
+    /// Buyers of the hot option.
     pub buyers: usize,
+    /// The hot option's stock.
     pub stock: i64,
     pub instances: usize,
     /// One buyer at a time (`100seq`): what a lone order costs, with combining on or off.
     pub sequential: bool,
+    /// Buyers of other options released together with the hot option's (`catalogue`).
+    pub cold: Option<Cold>,
+}
+
+/// The rest of the catalogue during a flash sale: `buyers` spread evenly over `options` options of `stock`
+/// units each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cold {
+    pub buyers: usize,
+    pub options: usize,
+    pub stock: i64,
 }
 
 impl FromStr for Scenario {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("unknown scenario `{s}`: use BUYERSxSTOCK, BUYERSonSTOCK, BUYERSxSTOCKxINSTANCES or BUYERSseq");
+        let bad = || {
+            format!(
+                "unknown scenario `{s}`: use BUYERSxSTOCK, BUYERSonSTOCK, BUYERSxSTOCKxINSTANCES, BUYERSseq or catalogue"
+            )
+        };
+        if s == "catalogue" {
+            // A flash sale of 1,000 on one option while 1,000 other buyers order 100 other options.
+            let cold = Cold { buyers: 1000, options: 100, stock: 20 };
+            return Ok(Self { buyers: 1000, stock: 1000, instances: 1, sequential: false, cold: Some(cold) });
+        }
         if let Some(buyers) = s.strip_suffix("seq") {
             let buyers: usize = buyers.parse().map_err(|_| bad())?;
             let stock = i64::try_from(buyers).map_err(|_| bad())?;
-            return Ok(Self { buyers, stock, instances: 1, sequential: true });
+            return Ok(Self { buyers, stock, instances: 1, sequential: true, cold: None });
         }
         let parts: Vec<&str> = s.split(['x', 'o', 'n']).filter(|p| !p.is_empty()).collect();
         let num = |i: usize| parts.get(i).and_then(|p| p.parse::<usize>().ok()).ok_or_else(bad);
         let buyers = num(0)?;
         let stock = i64::try_from(num(1)?).map_err(|_| bad())?;
         let instances = if parts.len() > 2 { num(2)? } else { 1 };
-        Ok(Self { buyers, stock, instances, sequential: false })
+        Ok(Self { buyers, stock, instances, sequential: false, cold: None })
     }
 }
 
@@ -50,6 +71,9 @@ impl fmt::Display for Scenario {
         write!(f, "{} buyers / {} units", self.buyers, self.stock)?;
         if self.instances > 1 {
             write!(f, " / {} instances", self.instances)?;
+        }
+        if let Some(cold) = self.cold {
+            write!(f, " + {} buyers of {} other options", cold.buyers, cold.options)?;
         }
         Ok(())
     }
@@ -85,6 +109,8 @@ pub struct RunResult {
     pub payment: Option<(Duration, Vec<Duration>, usize)>,
     /// What the servers' `/metrics` counted during the order phase, summed over the instances.
     pub counters: Counters,
+    /// The other options' buyers (`catalogue`): their latencies and how many got an order.
+    pub cold: Option<(Vec<Duration>, usize)>,
 }
 
 /// The order-phase deltas of the servers' `/metrics` counters.
@@ -165,8 +191,27 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         .map_err(|e| e.to_string())?;
     let option = product["options"][0]["id"].as_i64().ok_or("no option id")?;
     let product_id = product["id"].as_i64().ok_or("no product id")?;
-    let mut buyers = Vec::with_capacity(scenario.buyers);
-    for i in 0..scenario.buyers {
+    // (product, option) of each other option of the catalogue.
+    let mut cold_options: Vec<(i64, i64)> = Vec::new();
+    if let Some(cold) = scenario.cold {
+        for i in 0..cold.options {
+            let p: Value = client
+                .post(format!("{base}/api/v1/admin/products"))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&json!({"name": format!("catalogue {i}"), "options": [{"name": "one size", "price": 1000, "stock": cold.stock}]}))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            let (pid, oid) = (p["id"].as_i64(), p["options"][0]["id"].as_i64());
+            cold_options.push((pid.ok_or("no product id")?, oid.ok_or("no option id")?));
+        }
+    }
+    let everyone = scenario.buyers + scenario.cold.map_or(0, |c| c.buyers);
+    let mut buyers = Vec::with_capacity(everyone);
+    for i in 0..everyone {
         let user: Value = client
             .post(format!("{base}/api/v1/users"))
             .json(&json!({"name": format!("buyer-{i}")}))
@@ -187,6 +232,10 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         }
         buyers.push(id);
     }
+    // Buyer i orders the hot option, or (past the hot option's buyers) one of the other options in turn.
+    let wants = |i: usize| {
+        if i < scenario.buyers { option } else { cold_options[(i - scenario.buyers) % cold_options.len()].1 }
+    };
 
     let before = read_counters(&client, &servers.bases).await;
     // Every buyer waits at the barrier on an open keep-alive connection of its own, then all send at once: the
@@ -202,7 +251,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
             let (client, warmed, barrier, turns) = (client.clone(), warmed.clone(), barrier.clone(), turns.clone());
             let instance = &servers.bases[i % servers.bases.len()];
             let (url, live) = (format!("{instance}/api/v1/orders"), format!("{instance}/health/live"));
-            let body = json!({"userId": user, "items": [{"productOptionId": option, "quantity": 1}]});
+            let body = json!({"userId": user, "items": [{"productOptionId": wants(i), "quantity": 1}]});
             tokio::spawn(async move {
                 let warm = client.get(live).send().await;
                 warmed.wait().await;
@@ -228,10 +277,12 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
     for task in tasks {
         answers.push(task.await.map_err(|e| e.to_string())?);
     }
-    let makespan = answers.iter().map(|(_, _, done, _)| done.duration_since(started)).max().unwrap_or_default();
-    let count = |s: u16| answers.iter().filter(|a| a.0 == s).count();
+    // The hot option's buyers come first; the figures of the table are theirs, the rest's are `cold`.
+    let hot = &answers[..scenario.buyers];
+    let makespan = hot.iter().map(|(_, _, done, _)| done.duration_since(started)).max().unwrap_or_default();
+    let count = |s: u16| hot.iter().filter(|a| a.0 == s).count();
     let (created, out_of_stock, unavailable) = (count(201), count(409), count(503));
-    let other = answers.len() - created - out_of_stock - unavailable;
+    let other = hot.len() - created - out_of_stock - unavailable;
     let orders: Vec<(usize, i64)> = answers.iter().enumerate().filter_map(|(i, a)| a.3.map(|id| (i, id))).collect();
     let after = read_counters(&client, &servers.bases).await;
     let counters = Counters {
@@ -261,11 +312,33 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         every_order_exists &= found;
     }
     let sold = i64::try_from(created).unwrap_or(i64::MAX);
-    let correct =
-        final_stock + sold == scenario.stock && final_stock >= 0 && every_order_exists && orders.len() == created;
+    let hot_orders = orders.iter().filter(|(i, _)| *i < scenario.buyers).count();
+    let mut correct =
+        final_stock + sold == scenario.stock && final_stock >= 0 && every_order_exists && hot_orders == created;
+    let cold = match scenario.cold {
+        None => None,
+        Some(c) => {
+            let mine = |i: usize, o: i64| i >= scenario.buyers && wants(i) == o;
+            for (product, o) in &cold_options {
+                let sold = answers.iter().enumerate().filter(|(i, a)| mine(*i, *o) && a.0 == 201).count();
+                let detail: Value = client
+                    .get(format!("{base}/api/v1/products/{product}"))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let left = detail["options"][0]["stock"].as_i64().ok_or("no stock")?;
+                correct &= left >= 0 && left + i64::try_from(sold).unwrap_or(i64::MAX) == c.stock;
+            }
+            let rest = &answers[scenario.buyers..];
+            Some((rest.iter().map(|a| a.1).collect(), rest.iter().filter(|a| a.0 == 201).count()))
+        }
+    };
     Ok(RunResult {
         makespan,
-        latencies: answers.iter().map(|a| a.1).collect(),
+        latencies: hot.iter().map(|a| a.1).collect(),
         created,
         out_of_stock,
         unavailable,
@@ -274,6 +347,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         correct,
         payment,
         counters,
+        cold,
     })
 }
 

@@ -14,5 +14,5 @@ pub mod users;
 pub use cart::CartService;
 pub use catalog::CatalogService;
 pub use idempotency::{Claimed, IdempotencyService};
-pub use orders::{Combining, OrderService, OrderStats};
+pub use orders::{Combining, LaneLoad, OrderService, OrderStats};
 pub use users::UserService;

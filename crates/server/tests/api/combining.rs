@@ -223,7 +223,7 @@ async fn one_failing_order_never_fails_its_batch() {
             })
         })
         .collect();
-    eventually("the other 49 queue behind it", || async { app.orders.queued().0 == 49 }).await;
+    eventually("the other 49 queue behind it", || async { app.orders.placing_load().queued == 49 }).await;
     holder.commit().await.unwrap();
 
     assert_eq!(first.await.unwrap().status, 201);

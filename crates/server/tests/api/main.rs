@@ -8,6 +8,7 @@ mod combining;
 mod fencing;
 mod helpers;
 mod idempotency;
+mod lanes;
 mod operations;
 mod orders;
 mod products;

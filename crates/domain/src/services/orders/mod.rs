@@ -61,6 +61,25 @@ impl Combining {
     pub const OFF: Self = Self { batch_max: 1, queue_max: 1, wait: Duration::from_secs(5) };
 }
 
+/// How busy a kind of lane is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaneLoad {
+    /// Lanes that have work (a batch committing, or requests waiting).
+    pub lanes: usize,
+    /// Requests waiting, besides the batches being committed.
+    pub queued: usize,
+}
+
+impl LaneLoad {
+    fn of<K, J>(lanes: Option<&Lanes<K, J>>) -> Self
+    where
+        K: Eq + std::hash::Hash + Clone + Send + 'static,
+        J: Send + 'static,
+    {
+        lanes.map_or_else(Self::default, |lanes| Self { lanes: lanes.active(), queued: lanes.queued() })
+    }
+}
+
 /// How orders met their stock strategy since start-up: what `/metrics` shows and the benchmark reads.
 #[derive(Debug, Default)]
 pub struct OrderStats {
@@ -99,7 +118,9 @@ fn micros(d: Duration) -> u64 {
 pub(super) struct Job<A, T> {
     pub(super) ask: A,
     pub(super) queued_at: Instant,
-    deadline: Instant,
+    /// `None` for a request that runs in its own task (combining off): nothing queues it, and the strategy's
+    /// lock wait and the pool's acquire timeout bound what it waits for.
+    deadline: Option<Instant>,
     connection: Option<Arc<dyn Connection>>,
     reply: oneshot::Sender<Result<T, DomainError>>,
 }
@@ -107,12 +128,12 @@ pub(super) struct Job<A, T> {
 impl<A, T> Job<A, T> {
     fn new(
         ask: A,
-        wait: Duration,
+        wait: Option<Duration>,
         connection: Option<Arc<dyn Connection>>,
     ) -> (Self, oneshot::Receiver<Result<T, DomainError>>) {
         let (reply, answer) = oneshot::channel();
         let now = Instant::now();
-        (Self { ask, queued_at: now, deadline: now + wait, connection, reply }, answer)
+        (Self { ask, queued_at: now, deadline: wait.map(|wait| now + wait), connection, reply }, answer)
     }
 
     /// Why nobody wants this job done any more: its caller has gone (the reply channel or the client's
@@ -121,7 +142,8 @@ impl<A, T> Job<A, T> {
         if self.reply.is_closed() || self.connection.as_ref().is_some_and(|c| c.is_closed()) {
             return Some(DomainError::unavailable("the client closed the connection before its batch committed"));
         }
-        (Instant::now() >= self.deadline).then_some(DomainError::LockTimeout { retry_after_secs: 1 })
+        let late = self.deadline.is_some_and(|deadline| Instant::now() >= deadline);
+        late.then_some(DomainError::LockTimeout { retry_after_secs: 1 })
     }
 
     fn answer(self, outcome: Result<T, DomainError>) {
@@ -251,10 +273,17 @@ impl OrderService {
         self.core.stock.name()
     }
 
-    /// Requests waiting in lanes now (orders, payments), not counting the batches being committed.
+    /// The order lanes now: how many run, and how many orders wait in them (not counting the batches being
+    /// committed). Zero with combining off.
     #[must_use]
-    pub fn queued(&self) -> (usize, usize) {
-        (self.placing.as_ref().map_or(0, Lanes::queued), self.paying.as_ref().map_or(0, Lanes::queued))
+    pub fn placing_load(&self) -> LaneLoad {
+        LaneLoad::of(self.placing.as_ref())
+    }
+
+    /// The payment lanes now, as [`OrderService::placing_load`].
+    #[must_use]
+    pub fn paying_load(&self) -> LaneLoad {
+        LaneLoad::of(self.paying.as_ref())
     }
 
     /// Places an order: validated and priced, then committed with its batch in one short transaction that
@@ -265,8 +294,8 @@ impl OrderService {
     ///
     /// # Errors
     /// [`DomainError::UserNotFound`], [`DomainError::ProductOptionNotFound`], [`DomainError::ProductNotOnSale`],
-    /// [`DomainError::OutOfStock`], [`DomainError::LockTimeout`] (a lock wait, the optimistic retries or the
-    /// order's own deadline ran out), [`DomainError::Unavailable`] (its lane is full).
+    /// [`DomainError::OutOfStock`], [`DomainError::LockTimeout`] (a lock wait, the optimistic retries or
+    /// the order's wait in its lane ran out), [`DomainError::Unavailable`] (its lane is full).
     pub async fn place(
         &self,
         request: OrderRequest,
@@ -275,7 +304,7 @@ impl OrderService {
     ) -> Result<Order, DomainError> {
         let lane = request.lines().first().map(|line| line.option_id);
         let ask = place::OrderAsk { request, recorder: recorder.cloned() };
-        let (job, answer) = Job::new(ask, self.combining.wait, connection);
+        let (job, answer) = Job::new(ask, self.placing.as_ref().map(|_| self.combining.wait), connection);
         match (&self.placing, lane) {
             (Some(lanes), Some(lane)) => self.queue(lanes, lane, job)?,
             _ => self.core.place(vec![job]).await,
@@ -301,7 +330,7 @@ impl OrderService {
         connection: Option<Arc<dyn Connection>>,
     ) -> Result<Payment, DomainError> {
         let ask = pay::PaymentAsk { order_id, user_id, recorder: recorder.cloned() };
-        let (job, answer) = Job::new(ask, self.combining.wait, connection);
+        let (job, answer) = Job::new(ask, self.paying.as_ref().map(|_| self.combining.wait), connection);
         match &self.paying {
             Some(lanes) => self.queue(lanes, user_id.get().unsigned_abs() % PAYMENT_LANES, job)?,
             None => self.core.pay(vec![job]).await,

@@ -36,6 +36,14 @@ pub(in crate::services) struct OrderAsk {
     pub(super) recorder: Option<Recorder<Order>>,
 }
 
+/// What one attempt at a batch's transaction came to.
+enum Committed {
+    /// Committed, or rolled back with nothing to write: each order's outcome.
+    Done(Vec<Result<Order, DomainError>>),
+    /// Rolled back because a caller left while the transaction ran; the batch runs again without it.
+    Abandoned,
+}
+
 /// An order of the batch that passed validation, priced.
 pub(super) struct ValidOrder {
     job: PlaceJob,
@@ -200,6 +208,9 @@ impl Core {
         let mut attempt = 0;
         loop {
             match self.commit(batch, permit).await {
+                Ok(Committed::Done(outcomes)) => return Ok(outcomes),
+                // At once and without counting: the next attempt leaves the caller that left out.
+                Ok(Committed::Abandoned) => {}
                 Err(DomainError::WriteConflict) if attempt < retry.max_retries => {
                     bump(&self.stats.retries, 1);
                     tokio::time::sleep(retry.delay(attempt)).await;
@@ -209,18 +220,14 @@ impl Core {
                     tracing::warn!(attempts = attempt + 1, "a batch's stock write kept losing; giving up");
                     return Err(DomainError::LockTimeout { retry_after_secs: 1 });
                 }
-                other => return other,
+                Err(e) => return Err(e),
             }
         }
     }
 
-    /// One transaction for the batch: `Ok` holds each order's outcome (stored, or refused); `Err` is a failure
-    /// of the transaction itself, which then kept nothing.
-    async fn commit(
-        &self,
-        batch: &[ValidOrder],
-        permit: &StockPermit,
-    ) -> Result<Vec<Result<Order, DomainError>>, DomainError> {
+    /// One transaction for the batch: `Ok` holds each order's outcome (stored, or refused), or says that a
+    /// caller left while it ran; `Err` is a failure of the transaction itself, which then kept nothing.
+    async fn commit(&self, batch: &[ValidOrder], permit: &StockPermit) -> Result<Committed, DomainError> {
         let now = self.clock.now();
         let lines: Vec<&[OrderLine]> = batch.iter().map(ValidOrder::lines).collect();
         let ids: Vec<ProductOptionId> = union_of(&lines).iter().map(|l| l.option_id).collect();
@@ -247,10 +254,12 @@ impl Core {
             batch.iter().zip(&verdicts).filter(|(_, v)| v.is_ok()).map(|(o, _)| o).collect();
         if winners.is_empty() {
             // Nothing to write: the transaction rolls back on drop, and every order has its refusal.
-            return Ok(verdicts
-                .into_iter()
-                .map(|v| Err(v.err().unwrap_or_else(|| DomainError::unexpected("an allocated order was lost"))))
-                .collect());
+            return Ok(Committed::Done(
+                verdicts
+                    .into_iter()
+                    .map(|v| Err(v.err().unwrap_or_else(|| DomainError::unexpected("an allocated order was lost"))))
+                    .collect(),
+            ));
         }
         let news: Vec<NewOrder> = winners.iter().map(|o| NewOrder { ordered_at: now, ..o.new.clone() }).collect();
         let stored = tx.insert_orders(&news).await?;
@@ -265,6 +274,11 @@ impl Core {
             .collect();
         // Last, so that whatever it locks is held only until the commit just below.
         self.stock.take(tx.as_mut(), &takes, permit, now).await?;
+        if winners.iter().any(|order| order.job.abandoned().is_some()) {
+            // The write may have waited for the row (a lock held elsewhere) while a caller hung up: roll back
+            // and run the batch again, which leaves that order out at its claim.
+            return Ok(Committed::Abandoned);
+        }
         for (order, placed) in winners.iter().zip(&stored) {
             if let Some(recorder) = &order.job.ask.recorder {
                 recorder.record_in(tx.as_mut(), &Ok(placed.clone()), now).await?;
@@ -281,14 +295,15 @@ impl Core {
         );
         bump(&self.stats.order_batches, 1);
         let mut stored = stored.into_iter();
-        Ok(verdicts
+        let outcomes = verdicts
             .into_iter()
             .map(|v| {
                 v.and_then(|()| {
                     stored.next().ok_or_else(|| DomainError::unexpected("fewer orders stored than allocated"))
                 })
             })
-            .collect())
+            .collect();
+        Ok(Committed::Done(outcomes))
     }
 }
 
@@ -318,11 +333,15 @@ mod tests {
     type Answer = oneshot::Receiver<Result<Order, DomainError>>;
 
     fn job(user: i64, lines: &[(i64, i64)]) -> (PlaceJob, Answer) {
-        Job::new(OrderAsk { request: request(user, lines), recorder: None }, Duration::from_secs(5), None)
+        Job::new(OrderAsk { request: request(user, lines), recorder: None }, Some(Duration::from_secs(5)), None)
     }
 
     fn job_on(user: i64, lines: &[(i64, i64)], connection: Arc<dyn Connection>) -> (PlaceJob, Answer) {
-        Job::new(OrderAsk { request: request(user, lines), recorder: None }, Duration::from_secs(5), Some(connection))
+        Job::new(
+            OrderAsk { request: request(user, lines), recorder: None },
+            Some(Duration::from_secs(5)),
+            Some(connection),
+        )
     }
 
     /// What the store returns for inserted orders: ids from 1 in the order given.
@@ -558,10 +577,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_caller_who_hangs_up_while_the_write_waits_is_rolled_back_and_the_batch_runs_without_it() {
+        let hangs_up = Arc::new(TestConnection(AtomicBool::new(false)));
+        let closer = hangs_up.clone();
+        // The conditional write is where a batch waits for a row another session holds.
+        let mut waits = MockTransaction::new();
+        waits.expect_read_stock().returning(|ids| {
+            Ok(ids.iter().map(|id| StockRow { option_id: *id, stock: Stock::new(10).unwrap(), version: 1 }).collect())
+        });
+        waits.expect_insert_orders().withf(|news| news.len() == 2).returning(|news| Ok(stored(news)));
+        waits.expect_remove_from_carts().returning(|_, _| Ok(()));
+        waits.expect_decrement_stock().returning(move |_, _, _, _| {
+            closer.0.store(true, Ordering::SeqCst);
+            Ok(FencedWrite::Written)
+        });
+        waits.expect_commit().never();
+        let txs = vec![waits, batch_tx(10, 1, 1)];
+        let (core, events) = core(txs, Arc::new(ConditionalStock), catalogue(10), everyone());
+        let (leaving, left) = job_on(1, &[(1, 1)], hangs_up);
+        let (staying, stays) = job(2, &[(1, 1)]);
+        core.place(vec![leaving, staying]).await;
+        assert!(matches!(left.await.unwrap(), Err(DomainError::Unavailable { .. })));
+        assert_eq!(stays.await.unwrap().unwrap().user_id, uid(2));
+        assert_eq!(events.lock().unwrap().len(), 1);
+        assert_eq!(core.stats.retries.load(Ordering::Relaxed), 0, "not a conflict");
+    }
+
+    #[tokio::test]
     async fn an_order_past_its_deadline_is_a_lock_timeout_without_a_transaction() {
         let (core, _) = core(vec![], Arc::new(ConditionalStock), MockOrderRepository::new(), MockUserRepository::new());
         let (late, answer) =
-            Job::new(OrderAsk { request: request(1, &[(1, 1)]), recorder: None }, Duration::ZERO, None);
+            Job::new(OrderAsk { request: request(1, &[(1, 1)]), recorder: None }, Some(Duration::ZERO), None);
         core.place(vec![late]).await;
         assert!(matches!(answer.await.unwrap(), Err(DomainError::LockTimeout { .. })));
     }
@@ -597,7 +643,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let queued = [place(2, 1), place(3, 1)];
-        while service.queued().0 != 2 {
+        while service.placing_load().queued != 2 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let shed = service.place(request(4, &[(1, 1)]), None, None).await;
