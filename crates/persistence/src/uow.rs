@@ -228,6 +228,25 @@ impl OrderTx for SeaTransaction {
             .collect()
     }
 
+    async fn delete_orders(&mut self, ids: &[OrderId]) -> Result<(), DomainError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+        order_item::Entity::delete_many()
+            .filter(order_item::Column::OrderId.is_in(ids.iter().copied()))
+            .exec(&self.tx)
+            .await
+            .map_err(db)?;
+        payment::Entity::delete_many()
+            .filter(payment::Column::OrderId.is_in(ids.iter().copied()))
+            .exec(&self.tx)
+            .await
+            .map_err(db)?;
+        order::Entity::delete_many().filter(order::Column::Id.is_in(ids)).exec(&self.tx).await.map_err(db)?;
+        Ok(())
+    }
+
     async fn find_orders(&mut self, ids: &[OrderId]) -> Result<Vec<Order>, DomainError> {
         let rows = order::Entity::find()
             .filter(order::Column::Id.is_in(ids.iter().map(|id| id.get())))

@@ -84,6 +84,13 @@ pub struct Settings {
     pub db_acquire_timeout_secs: u64,
     /// HTTP worker threads; the number of cores when unset.
     pub http_workers: Option<usize>,
+    /// How long an idle keep-alive connection stays open; behind a proxy that keeps connections to the service
+    /// (nginx's `keepalive`), longer than the proxy keeps them, so the service never closes one under it.
+    #[serde(with = "duration_text")]
+    pub http_keep_alive: Duration,
+    /// How long a client may take to send a request's head after connecting before 408.
+    #[serde(with = "duration_text")]
+    pub http_request_timeout: Duration,
     /// Seed demo users and products into an empty SQLite database.
     pub seed_demo: bool,
     /// Redis, for the `redis-spin` and `redis-pubsub` strategies.
@@ -168,6 +175,8 @@ impl fmt::Debug for Settings {
             .field("db_max_connections", &self.db_max_connections)
             .field("db_acquire_timeout_secs", &self.db_acquire_timeout_secs)
             .field("http_workers", &self.http_workers)
+            .field("http_keep_alive", &self.http_keep_alive)
+            .field("http_request_timeout", &self.http_request_timeout)
             .field("seed_demo", &self.seed_demo)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field("redlock_urls", &self.redlock_urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
@@ -238,6 +247,9 @@ impl Default for Settings {
             db_max_connections: 16,
             db_acquire_timeout_secs: 10,
             http_workers: None,
+            // actix-web's defaults.
+            http_keep_alive: Duration::from_secs(5),
+            http_request_timeout: Duration::from_secs(5),
             seed_demo: true,
             redis_url: None,
             redlock_urls: Vec::new(),

@@ -110,6 +110,8 @@ impl Application {
         let mut server = HttpServer::new(move || shop_http::app(state.clone(), doc.clone()))
             // Requests that wait in an order lane are dropped if their client hangs up meanwhile.
             .on_connect(shop_http::connection::watch)
+            .keep_alive(settings.http_keep_alive)
+            .client_request_timeout(settings.http_request_timeout)
             // In-flight requests get this long to finish after SIGTERM.
             .shutdown_timeout(10);
         if let Some(workers) = settings.http_workers {

@@ -76,6 +76,10 @@ pub trait OrderTx: Send {
     /// returns them as stored, in the order given.
     async fn insert_orders(&mut self, orders: &[NewOrder]) -> Result<Vec<Order>, DomainError>;
 
+    /// Deletes orders this transaction inserted and will not keep (the allocation refused them), with their
+    /// items and payments.
+    async fn delete_orders(&mut self, ids: &[OrderId]) -> Result<(), DomainError>;
+
     /// These orders with their items and payments, whatever their status, ascending by id (missing ids are left
     /// out).
     async fn find_orders(&mut self, ids: &[OrderId]) -> Result<Vec<Order>, DomainError>;
@@ -226,6 +230,7 @@ mockall::mock! {
     #[async_trait]
     impl OrderTx for Transaction {
         async fn insert_orders(&mut self, orders: &[NewOrder]) -> Result<Vec<Order>, DomainError>;
+        async fn delete_orders(&mut self, ids: &[OrderId]) -> Result<(), DomainError>;
         async fn find_orders(&mut self, ids: &[OrderId]) -> Result<Vec<Order>, DomainError>;
         async fn transition_orders(
             &mut self,

@@ -6,11 +6,12 @@
 //!    unit went; this is where they learn it.
 //! 2. **Admit**: the strategy's protection for the union of the batch's options (ascending): a lock, a
 //!    reservation, or nothing; a strategy that decides outside the database refuses here what does not fit.
-//! 3. **Claim and allocate**, in the transaction: the strategy reads (or locks) the rows, and the domain's
-//!    allocation gives stock to the orders in arrival order, each all of its lines or none.
-//! 4. **Write and commit**: the winners' orders, items and payments with one multi-row statement per table,
-//!    their cart lines removed, the stock taken last (so row locks are held only until the commit just after),
-//!    and each idempotent response recorded, all in one commit.
+//! 3. **Write, claim and allocate**, in the transaction: the orders, items and payments with one multi-row
+//!    statement per table; then the strategy reads (or locks) the rows, and the domain's allocation gives stock
+//!    to the orders in arrival order, each all of its lines or none; the orders it refuses are deleted again.
+//!    Writing before claiming keeps a locking claim's rows locked only for the few statements after it.
+//! 4. **Take and commit**: the winners' cart lines removed, the stock taken last (so row locks are held only
+//!    until the commit just after), and each idempotent response recorded, all in one commit.
 //! 5. **Settle** the strategy's permit with what was committed, then answer and publish.
 //!
 //! A transaction that fails for a reason of one order is retried one order at a time, so one bad order never
@@ -229,43 +230,65 @@ impl Core {
     /// caller left while it ran; `Err` is a failure of the transaction itself, which then kept nothing.
     async fn commit(&self, batch: &[ValidOrder], permit: &StockPermit) -> Result<Committed, DomainError> {
         let now = self.clock.now();
-        let lines: Vec<&[OrderLine]> = batch.iter().map(ValidOrder::lines).collect();
-        let ids: Vec<ProductOptionId> = union_of(&lines).iter().map(|l| l.option_id).collect();
         let began = Instant::now();
-        let mut tx = self.uow.begin().await?;
-        let rows = self.stock.claim(tx.as_mut(), &ids).await?;
-        // The claim may have waited for row locks: an order whose caller has gone meanwhile is not allocated.
-        let gone: Vec<Option<DomainError>> = batch.iter().map(|order| order.job.abandoned()).collect();
-        let available: BTreeMap<ProductOptionId, Stock> = rows.iter().map(|r| (r.option_id, r.stock)).collect();
-        let wanted = batch.iter().zip(&gone).filter(|(_, gone)| gone.is_none()).map(|(order, _)| order.lines());
-        let allocation = allocate(&available, wanted);
-        let mut allocated = allocation.verdicts.into_iter();
-        let verdicts: Vec<Result<(), DomainError>> = gone
-            .into_iter()
-            .map(|gone| match gone {
+        let mut outcomes: Vec<Option<Result<Order, DomainError>>> = batch.iter().map(|_| None).collect();
+        let mut candidates: Vec<usize> = Vec::with_capacity(batch.len());
+        for (i, order) in batch.iter().enumerate() {
+            match order.job.abandoned() {
                 Some(why) => {
                     bump(&self.stats.abandoned, 1);
-                    Err(why)
+                    outcomes[i] = Some(Err(why));
                 }
-                None => allocated.next().unwrap_or_else(|| Err(DomainError::unexpected("an order was not allocated"))),
-            })
-            .collect();
-        let winners: Vec<&ValidOrder> =
-            batch.iter().zip(&verdicts).filter(|(_, v)| v.is_ok()).map(|(o, _)| o).collect();
-        if winners.is_empty() {
-            // Nothing to write: the transaction rolls back on drop, and every order has its refusal.
-            return Ok(Committed::Done(
-                verdicts
-                    .into_iter()
-                    .map(|v| Err(v.err().unwrap_or_else(|| DomainError::unexpected("an allocated order was lost"))))
-                    .collect(),
-            ));
+                None => candidates.push(i),
+            }
         }
-        let news: Vec<NewOrder> = winners.iter().map(|o| NewOrder { ordered_at: now, ..o.new.clone() }).collect();
-        let stored = tx.insert_orders(&news).await?;
+        if candidates.is_empty() {
+            return Ok(Committed::Done(settled(outcomes)));
+        }
+        let mut tx = self.uow.begin().await?;
+        // Every candidate is written before the stock is claimed, so that a claim that locks (pessimistic) holds
+        // its rows only for the few statements after it; the orders the allocation refuses are then deleted.
+        let news: Vec<NewOrder> =
+            candidates.iter().map(|i| NewOrder { ordered_at: now, ..batch[*i].new.clone() }).collect();
+        let mut stored: Vec<Option<Order>> = tx.insert_orders(&news).await?.into_iter().map(Some).collect();
+        let lines: Vec<&[OrderLine]> = candidates.iter().map(|i| batch[*i].lines()).collect();
+        let ids: Vec<ProductOptionId> = union_of(&lines).iter().map(|l| l.option_id).collect();
+        let rows = self.stock.claim(tx.as_mut(), &ids).await?;
+        // The claim may have waited for row locks: an order whose caller has gone meanwhile is not allocated.
+        let present: Vec<bool> = candidates.iter().map(|i| batch[*i].job.abandoned().is_none()).collect();
+        let available: BTreeMap<ProductOptionId, Stock> = rows.iter().map(|r| (r.option_id, r.stock)).collect();
+        let wanted = candidates.iter().zip(&present).filter(|(_, here)| **here).map(|(i, _)| batch[*i].lines());
+        let allocation = allocate(&available, wanted);
+        let mut verdicts = allocation.verdicts.into_iter();
+        let (mut winners, mut losers) = (Vec::new(), Vec::new());
+        for (k, (i, here)) in candidates.iter().zip(&present).enumerate() {
+            let verdict = if *here {
+                verdicts.next().unwrap_or_else(|| Err(DomainError::unexpected("an order was not allocated")))
+            } else {
+                bump(&self.stats.abandoned, 1);
+                batch[*i].job.abandoned().map_or(Ok(()), Err)
+            };
+            match verdict {
+                Ok(()) => winners.push((*i, k)),
+                Err(refused) => {
+                    outcomes[*i] = Some(Err(refused));
+                    losers.push(k);
+                }
+            }
+        }
+        if winners.is_empty() {
+            // Nothing is kept: the transaction rolls back on drop, with the orders it wrote.
+            return Ok(Committed::Done(settled(outcomes)));
+        }
+        if !losers.is_empty() {
+            let gone: Vec<_> = losers.iter().filter_map(|k| stored[*k].take().map(|o| o.id)).collect();
+            tx.delete_orders(&gone).await?;
+        }
         let carts: Vec<(UserId, Vec<ProductOptionId>)> = winners
             .iter()
-            .map(|o| (o.job.ask.request.user_id(), o.lines().iter().map(|l| l.option_id).collect()))
+            .map(|(i, _)| {
+                (batch[*i].job.ask.request.user_id(), batch[*i].lines().iter().map(|l| l.option_id).collect())
+            })
             .collect();
         tx.remove_from_carts(&carts, now).await?;
         let takes: Vec<StockTake> = rows
@@ -274,15 +297,18 @@ impl Core {
             .collect();
         // Last, so that whatever it locks is held only until the commit just below.
         self.stock.take(tx.as_mut(), &takes, permit, now).await?;
-        if winners.iter().any(|order| order.job.abandoned().is_some()) {
+        if winners.iter().any(|(i, _)| batch[*i].job.abandoned().is_some()) {
             // The write may have waited for the row (a lock held elsewhere) while a caller hung up: roll back
-            // and run the batch again, which leaves that order out at its claim.
+            // and run the batch again, which leaves that order out.
             return Ok(Committed::Abandoned);
         }
-        for (order, placed) in winners.iter().zip(&stored) {
-            if let Some(recorder) = &order.job.ask.recorder {
+        for (i, k) in &winners {
+            let placed =
+                stored[*k].take().ok_or_else(|| DomainError::unexpected("an allocated order was not stored"))?;
+            if let Some(recorder) = &batch[*i].job.ask.recorder {
                 recorder.record_in(tx.as_mut(), &Ok(placed.clone()), now).await?;
             }
+            outcomes[*i] = Some(Ok(placed));
         }
         let statements_us = micros(began.elapsed());
         let committing = Instant::now();
@@ -294,17 +320,16 @@ impl Core {
             "order batch transaction"
         );
         bump(&self.stats.order_batches, 1);
-        let mut stored = stored.into_iter();
-        let outcomes = verdicts
-            .into_iter()
-            .map(|v| {
-                v.and_then(|()| {
-                    stored.next().ok_or_else(|| DomainError::unexpected("fewer orders stored than allocated"))
-                })
-            })
-            .collect();
-        Ok(Committed::Done(outcomes))
+        Ok(Committed::Done(settled(outcomes)))
     }
+}
+
+/// Every order's outcome, once each has one.
+fn settled(outcomes: Vec<Option<Result<Order, DomainError>>>) -> Vec<Result<Order, DomainError>> {
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(DomainError::unexpected("an order was left undecided"))))
+        .collect()
 }
 
 #[cfg(test)]
@@ -371,8 +396,8 @@ mod tests {
             .collect()
     }
 
-    /// A transaction of a batch over options with `stock` units each, that inserts `orders` orders and takes
-    /// `units` of option 1, then commits.
+    /// A transaction of a batch over options with `stock` units each, that inserts `orders` orders, keeps the
+    /// ones it can, takes `units` of option 1, then commits.
     fn batch_tx(stock: i64, orders: usize, units: i64) -> MockTransaction {
         let mut tx = MockTransaction::new();
         tx.expect_read_stock().returning(move |ids| {
@@ -382,7 +407,7 @@ mod tests {
                 .collect())
         });
         tx.expect_insert_orders().withf(move |news| news.len() == orders).times(1).returning(|news| Ok(stored(news)));
-        tx.expect_remove_from_carts().withf(move |carts, _| carts.len() == orders).returning(|_, _| Ok(()));
+        tx.expect_remove_from_carts().returning(|_, _| Ok(()));
         tx.expect_decrement_stock()
             .withf(move |id, n, fence, _| id.get() != 1 || (*n == units && fence.is_none()))
             .returning(|_, _, _, _| Ok(FencedWrite::Written));
@@ -394,7 +419,10 @@ mod tests {
     async fn a_batch_allocates_in_arrival_order_and_commits_the_winners_in_one_transaction() {
         // Three units for four buyers of one each, and a fifth who wants two: the first three win, the rest are
         // refused inside the transaction, and one commit holds the three orders.
-        let (core, events) = core(vec![batch_tx(3, 3, 3)], Arc::new(ConditionalStock), catalogue(3), everyone());
+        let mut tx = batch_tx(3, 5, 3);
+        // All five were written before the claim; the two the allocation refused are deleted again.
+        tx.expect_delete_orders().withf(|ids| ids.len() == 2).times(1).returning(|_| Ok(()));
+        let (core, events) = core(vec![tx], Arc::new(ConditionalStock), catalogue(3), everyone());
         let jobs: Vec<_> = (1..=4).map(|u| job(u, &[(1, 1)])).chain([job(5, &[(1, 2)])]).collect();
         let (jobs, answers): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
         core.place(jobs).await;
@@ -557,11 +585,12 @@ mod tests {
             closer.0.store(true, Ordering::SeqCst);
             Ok(ids.iter().map(|id| StockRow { option_id: *id, stock: Stock::new(10).unwrap(), version: 1 }).collect())
         });
-        tx.expect_insert_orders()
-            .withf(|news| news.len() == 1 && news[0].user_id == uid(2))
-            .times(1)
-            .returning(|news| Ok(stored(news)));
-        tx.expect_remove_from_carts().returning(|_, _| Ok(()));
+        tx.expect_insert_orders().withf(|news| news.len() == 2).times(1).returning(|news| Ok(stored(news)));
+        // Written before the claim, the leaver's order is deleted again.
+        tx.expect_delete_orders().withf(|ids| ids.len() == 1 && ids[0].get() == 1).times(1).returning(|_| Ok(()));
+        tx.expect_remove_from_carts()
+            .withf(|carts, _| carts.len() == 1 && carts[0].0 == uid(2))
+            .returning(|_, _| Ok(()));
         tx.expect_decrement_stock()
             .withf(|_, units, _, _| *units == 1)
             .times(1)
