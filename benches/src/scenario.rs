@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{Barrier, Semaphore};
 
@@ -166,6 +167,10 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         ("SHOP_REDIS_KEY_PREFIX".to_owned(), format!("bench-{}", uuid::Uuid::new_v4().simple())),
         ("SHOP_LOCK_WAIT_MS".to_owned(), "60000".to_owned()),
         ("SHOP_DB_MAX_CONNECTIONS".to_owned(), setup.pool.to_string()),
+        ("SHOP_AUTH_SECRET".to_owned(), format!("bench-{}", uuid::Uuid::new_v4().simple())),
+        // Buyers sign up and in before the clock starts; their password hashing is not what is measured.
+        ("SHOP_PASSWORD_HASH_MEMORY_KIB".to_owned(), "8".to_owned()),
+        ("SHOP_PASSWORD_HASH_ITERATIONS".to_owned(), "1".to_owned()),
     ];
     if let Some(batch) = setup.batch_max {
         env.push(("SHOP_ORDER_BATCH_MAX".to_owned(), batch.to_string()));
@@ -210,28 +215,11 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         }
     }
     let everyone = scenario.buyers + scenario.cold.map_or(0, |c| c.buyers);
-    let mut buyers = Vec::with_capacity(everyone);
-    for i in 0..everyone {
-        let user: Value = client
-            .post(format!("{base}/api/v1/users"))
-            .json(&json!({"name": format!("buyer-{i}")}))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
-        let id = user["id"].as_i64().ok_or("no user id")?;
-        if setup.pay {
-            client
-                .post(format!("{base}/api/v1/users/{id}/balance/charge"))
-                .json(&json!({"amount": 10_000}))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        buyers.push(id);
-    }
+    // Each buyer signs up, signs in and (to pay) charges its balance, a few dozen at a time, before the clock.
+    let signed: Vec<Result<(i64, String), String>> =
+        futures::stream::iter(0..everyone).map(|i| sign_up(&client, base, i, setup.pay)).buffered(32).collect().await;
+    let (buyers, tokens): (Vec<i64>, Vec<String>) =
+        signed.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
     // Buyer i orders the hot option, or (past the hot option's buyers) one of the other options in turn.
     let wants = |i: usize| {
         if i < scenario.buyers { option } else { cold_options[(i - scenario.buyers) % cold_options.len()].1 }
@@ -252,6 +240,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
             let instance = &servers.bases[i % servers.bases.len()];
             let (url, live) = (format!("{instance}/api/v1/orders"), format!("{instance}/health/live"));
             let body = json!({"userId": user, "items": [{"productOptionId": wants(i), "quantity": 1}]});
+            let token = tokens[i].clone();
             tokio::spawn(async move {
                 let warm = client.get(live).send().await;
                 warmed.wait().await;
@@ -261,7 +250,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
                 barrier.wait().await;
                 let _turn = turns.acquire().await;
                 let sent = Instant::now();
-                let response = client.post(url).json(&body).send().await;
+                let response = client.post(url).bearer_auth(token).json(&body).send().await;
                 let status = response.as_ref().map_or(0, |r| r.status().as_u16());
                 let order: Option<i64> = match response {
                     Ok(r) if status == 201 => r.json::<Value>().await.ok().and_then(|v| v["id"].as_i64()),
@@ -293,7 +282,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         order_batches: after.order_batches - before.order_batches,
     };
 
-    let payment = if setup.pay { Some(pay_all(&client, &servers.bases, &buyers, &orders).await) } else { None };
+    let payment = if setup.pay { Some(pay_all(&client, &servers.bases, &tokens, &orders).await) } else { None };
 
     // Verification, after the clock stopped.
     let detail: Value = client
@@ -306,9 +295,13 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         .map_err(|e| e.to_string())?;
     let final_stock = detail["options"][0]["stock"].as_i64().ok_or("no stock")?;
     let mut every_order_exists = true;
-    for (_, id) in &orders {
-        let found =
-            client.get(format!("{base}/api/v1/orders/{id}")).send().await.is_ok_and(|r| r.status().as_u16() == 200);
+    for (buyer, id) in &orders {
+        let found = client
+            .get(format!("{base}/api/v1/orders/{id}"))
+            .bearer_auth(&tokens[*buyer])
+            .send()
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 200);
         every_order_exists &= found;
     }
     let sold = i64::try_from(created).unwrap_or(i64::MAX);
@@ -351,11 +344,47 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
     })
 }
 
+/// Buyer `i` signs up and signs in (and, to pay, charges 10,000 won): its id and access token.
+async fn sign_up(client: &reqwest::Client, base: &str, i: usize, pay: bool) -> Result<(i64, String), String> {
+    let (name, password) = (format!("buyer-{i}"), format!("password of buyer {i}"));
+    let credentials = json!({"name": name, "password": password});
+    let user: Value = client
+        .post(format!("{base}/api/v1/users"))
+        .json(&credentials)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let id = user["id"].as_i64().ok_or_else(|| format!("no user id: {user}"))?;
+    let session: Value = client
+        .post(format!("{base}/api/v1/auth/token"))
+        .json(&credentials)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let token = session["accessToken"].as_str().ok_or_else(|| format!("no access token: {session}"))?.to_owned();
+    if pay {
+        client
+            .post(format!("{base}/api/v1/users/{id}/balance/charge"))
+            .bearer_auth(&token)
+            .json(&json!({"amount": 10_000}))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok((id, token))
+}
+
 /// Every buyer with an order pays it, all at once; the payment phase's makespan, latencies and successes.
 async fn pay_all(
     client: &reqwest::Client,
     bases: &[String],
-    buyers: &[i64],
+    tokens: &[String],
     orders: &[(usize, i64)],
 ) -> (Duration, Vec<Duration>, usize) {
     let barrier = Arc::new(Barrier::new(orders.len() + 1));
@@ -364,11 +393,11 @@ async fn pay_all(
         .map(|(buyer, order)| {
             let (client, barrier) = (client.clone(), barrier.clone());
             let url = format!("{}/api/v1/orders/{order}/payment", bases[buyer % bases.len()]);
-            let body = json!({"userId": buyers[*buyer]});
+            let token = tokens[*buyer].clone();
             tokio::spawn(async move {
                 barrier.wait().await;
                 let sent = Instant::now();
-                let ok = client.post(url).json(&body).send().await.is_ok_and(|r| r.status().as_u16() == 200);
+                let ok = client.post(url).bearer_auth(token).send().await.is_ok_and(|r| r.status().as_u16() == 200);
                 (ok, sent.elapsed(), Instant::now())
             })
         })

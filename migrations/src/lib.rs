@@ -13,6 +13,7 @@ use sea_orm_migration::prelude::*;
 mod m20261125_000001_initial_schema;
 mod m20261125_000002_option_fence_token;
 mod m20261125_000003_idempotency_keys;
+mod m20261202_000004_accounts;
 
 /// The ordered list of the shop's schema migrations.
 #[derive(Debug, Clone, Copy, Default)]
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_initial_schema::Migration),
             Box::new(m20261125_000002_option_fence_token::Migration),
             Box::new(m20261125_000003_idempotency_keys::Migration),
+            Box::new(m20261202_000004_accounts::Migration),
         ]
     }
 }

@@ -67,6 +67,18 @@ pub enum DomainError {
     /// An optimistic write lost a race; use cases retry it and never let it reach a client.
     #[error("a concurrent write changed the data first")]
     WriteConflict,
+    #[error("the name {0} is taken")]
+    UserNameTaken(String),
+    /// A wrong name or a wrong password: the same answer, so that names cannot be probed.
+    #[error("the name or the password is wrong")]
+    InvalidCredentials,
+    /// A token that is malformed, badly signed, expired, retired or revoked.
+    #[error("the token is not valid")]
+    InvalidToken,
+    #[error("too many failed sign-ins; try again after {retry_after_secs} seconds")]
+    TooManyAttempts { retry_after_secs: u32 },
+    #[error("user {user_id} already holds as many unpaid orders or units as one user may")]
+    PendingLimitExceeded { user_id: UserId },
     #[error("this Idempotency-Key was used with a different request")]
     IdempotencyKeyReused,
     #[error("the first request with this Idempotency-Key is still running")]
@@ -114,6 +126,11 @@ impl DomainError {
             Self::LockTimeout { retry_after_secs } => Self::LockTimeout { retry_after_secs: *retry_after_secs },
             Self::StaleLock { option_id } => Self::StaleLock { option_id: *option_id },
             Self::WriteConflict => Self::WriteConflict,
+            Self::UserNameTaken(name) => Self::UserNameTaken(name.clone()),
+            Self::InvalidCredentials => Self::InvalidCredentials,
+            Self::InvalidToken => Self::InvalidToken,
+            Self::TooManyAttempts { retry_after_secs } => Self::TooManyAttempts { retry_after_secs: *retry_after_secs },
+            Self::PendingLimitExceeded { user_id } => Self::PendingLimitExceeded { user_id: *user_id },
             Self::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             Self::IdempotencyKeyInUse => Self::IdempotencyKeyInUse,
             Self::Unavailable { cause, retry_after_secs } => {

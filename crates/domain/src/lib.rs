@@ -5,6 +5,7 @@
 //!
 //! - [`ids`], [`money`]: typed ids, money and quantities; invalid values cannot be built.
 //! - [`user`], [`product`], [`cart`], [`order`], [`payment`], [`sales`]: one module per aggregate.
+//! - [`auth`]: passwords, tokens and sessions, and the cap on what one user holds unpaid.
 //! - [`idempotency`]: Idempotency-Key claims and the responses they replay.
 //! - [`page`]: paging of lists.
 //! - [`error`]: [`DomainError`], the one error type of every use case.
@@ -13,6 +14,7 @@
 //! - [`services`]: the use cases, and the lanes that combine orders and payments into batches.
 //! - [`stock`]: the allocation rule and the stock strategies order batches are configured with.
 
+pub mod auth;
 pub mod cart;
 pub mod error;
 pub mod idempotency;

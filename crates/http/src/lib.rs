@@ -24,10 +24,10 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpResponse, web};
-use shop_domain::ports::Probe;
-use shop_domain::services::{CartService, CatalogService, IdempotencyService, OrderService, UserService};
+use shop_domain::ports::{Clock, Probe, Tokens};
+use shop_domain::services::{AuthService, CartService, CatalogService, IdempotencyService, OrderService, UserService};
 use utoipa::OpenApi;
-use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::security::{Http, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_actix_web::AppExt;
 use utoipa_actix_web::service_config::ServiceConfig;
 use utoipa_swagger_ui::SwaggerUi;
@@ -38,6 +38,13 @@ pub use problem::{ApiError, Problem};
 #[derive(Clone)]
 pub struct AppState {
     pub users: UserService,
+    pub auth: AuthService,
+    /// Checks the access tokens of user-scoped routes (no database read).
+    pub tokens: Arc<dyn Tokens>,
+    pub clock: Arc<dyn Clock>,
+    /// Count sign-in failures per the address a trusted proxy forwarded (`X-Forwarded-For`, `Forwarded`)
+    /// rather than per the peer: on only behind a proxy that sets them.
+    pub trust_forwarded_for: bool,
     pub catalog: CatalogService,
     pub cart: CartService,
     pub orders: OrderService,
@@ -63,12 +70,15 @@ impl std::fmt::Debug for AppState {
         title = "Shop API",
         version = "1.0.0",
         description = "Users and balance, products and stock, cart, orders and payment. Every error is an RFC 9457 \
-                       problem document (`application/problem+json`) with a stable `code`."
+                       problem document (`application/problem+json`) with a stable `code`. User-scoped routes act for \
+                       the caller only: sign up with `POST /api/v1/users`, sign in with `POST /api/v1/auth/token`, and \
+                       send the access token as `Authorization: Bearer <accessToken>` (Swagger UI: Authorize)."
     ),
     components(schemas(Problem)),
-    modifiers(&AdminToken),
+    modifiers(&SecuritySchemes),
     tags(
         (name = "users", description = "Users and their balance"),
+        (name = "auth", description = "Signing in: access and refresh tokens"),
         (name = "products", description = "The catalogue and the best sellers"),
         (name = "cart", description = "A user's cart"),
         (name = "orders", description = "Orders and their payment"),
@@ -78,11 +88,14 @@ impl std::fmt::Debug for AppState {
 )]
 struct ApiDoc;
 
-struct AdminToken;
+/// `bearer`: a user's access token (a JWT from `/api/v1/auth/token`); `admin_token`: `SHOP_ADMIN_TOKEN`.
+struct SecuritySchemes;
 
-impl utoipa::Modify for AdminToken {
+impl utoipa::Modify for SecuritySchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
+        let jwt = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build();
+        components.add_security_scheme("bearer", SecurityScheme::Http(jwt));
         components.add_security_scheme("admin_token", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
     }
 }
@@ -90,8 +103,12 @@ impl utoipa::Modify for AdminToken {
 /// Every documented route. The popular ranking is registered before `/products/{productId}` so that
 /// `popular` is not read as an id.
 fn routes(cfg: &mut ServiceConfig<'_>) {
-    use routes::{admin, cart, health, orders, products, users};
+    use routes::{admin, auth, cart, health, orders, products, users};
     cfg.service(users::create_user)
+        .service(users::me)
+        .service(auth::sign_in)
+        .service(auth::refresh)
+        .service(auth::logout)
         .service(users::get_balance)
         .service(users::charge_balance)
         .service(products::list_products)
@@ -114,7 +131,8 @@ fn routes(cfg: &mut ServiceConfig<'_>) {
 /// The OpenAPI document: `openapi/openapi.json` is this, pretty-printed.
 #[must_use]
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let (_, doc) = App::new().into_utoipa_app().openapi(ApiDoc::openapi()).configure(routes).split_for_parts();
+    let (_, mut doc) = App::new().into_utoipa_app().openapi(ApiDoc::openapi()).configure(routes).split_for_parts();
+    problem::document_examples(&mut doc);
     doc
 }
 

@@ -42,8 +42,12 @@ pub enum ApiError {
     /// A body, path or query that does not parse or breaks a rule; names the field.
     #[error("{detail}")]
     Validation { field: String, detail: String },
-    #[error("missing or wrong admin token")]
+    /// No valid credentials: a missing, malformed, expired or badly signed bearer token (or admin token).
+    #[error("missing, malformed, expired or badly signed bearer token")]
     Unauthorized,
+    /// Authenticated, but acting for someone else (a path or body user that is not the caller).
+    #[error("this route acts for the signed-in user only")]
+    Forbidden,
     #[error("the admin API is disabled: no admin token is configured")]
     AdminDisabled,
     #[error("no route matches this method and path")]
@@ -167,6 +171,13 @@ fn domain_entry(error: &DomainError) -> Entry {
         D::LockTimeout { .. } | D::WriteConflict | D::StaleLock { .. } => {
             entry(StatusCode::SERVICE_UNAVAILABLE, "LOCK_TIMEOUT", "Lock wait timed out")
         }
+        D::UserNameTaken(_) => entry(StatusCode::CONFLICT, "USER_NAME_TAKEN", "User name taken"),
+        D::InvalidCredentials => entry(StatusCode::UNAUTHORIZED, "INVALID_CREDENTIALS", "Invalid credentials"),
+        D::InvalidToken => entry(StatusCode::UNAUTHORIZED, "INVALID_TOKEN", "Invalid token"),
+        D::TooManyAttempts { .. } => entry(StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_ATTEMPTS", "Too many attempts"),
+        D::PendingLimitExceeded { .. } => {
+            entry(StatusCode::CONFLICT, "PENDING_LIMIT_EXCEEDED", "Pending order limit exceeded")
+        }
         D::IdempotencyKeyReused => {
             entry(StatusCode::UNPROCESSABLE_ENTITY, "IDEMPOTENCY_KEY_REUSED", "Idempotency key reused")
         }
@@ -218,6 +229,7 @@ impl ApiError {
             Self::Domain(error) => domain_entry(error),
             Self::Validation { .. } => entry(StatusCode::BAD_REQUEST, "VALIDATION_FAILED", "Validation failed"),
             Self::Unauthorized => entry(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "Unauthorized"),
+            Self::Forbidden => entry(StatusCode::FORBIDDEN, "FORBIDDEN", "Forbidden"),
             Self::AdminDisabled => entry(StatusCode::FORBIDDEN, "ADMIN_DISABLED", "Admin API disabled"),
             Self::RouteNotFound => entry(StatusCode::NOT_FOUND, "NOT_FOUND", "Not found"),
             Self::PayloadTooLarge { .. } => {
@@ -274,7 +286,9 @@ impl ResponseError for ApiError {
             tracing::warn!(cause = %cause, "answered 503");
         }
         if let Self::Domain(
-            DomainError::LockTimeout { retry_after_secs } | DomainError::Unavailable { retry_after_secs, .. },
+            DomainError::LockTimeout { retry_after_secs }
+            | DomainError::Unavailable { retry_after_secs, .. }
+            | DomainError::TooManyAttempts { retry_after_secs },
         ) = self
         {
             response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
@@ -282,11 +296,93 @@ impl ResponseError for ApiError {
         if let Self::Domain(DomainError::WriteConflict | DomainError::StaleLock { .. }) = self {
             response.insert_header((header::RETRY_AFTER, "1"));
         }
-        if let Self::Unauthorized = self {
+        // Every 401 names the scheme that would succeed (RFC 9110).
+        if self.status_code() == StatusCode::UNAUTHORIZED {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }
         response.json(problem)
     }
+}
+
+/// One problem of every code the service answers, as a client would see it: the examples of the OpenAPI
+/// document (each documented error response shows the problems of the codes its description names).
+#[must_use]
+pub fn examples() -> Vec<Problem> {
+    use shop_domain::ids::{CartItemId, OrderId, ProductId, ProductOptionId, UserId};
+    use shop_domain::money::Money;
+    use shop_domain::order::OrderStatus;
+    let (user, option) = (UserId::new(7).ok(), ProductOptionId::new(4).ok());
+    let mut errors: Vec<ApiError> = vec![
+        ApiError::Validation {
+            field: "items[0].quantity".into(),
+            detail: "items[0].quantity: must be between 1 and 1000".into(),
+        },
+        ApiError::Unauthorized,
+        ApiError::Forbidden,
+        ApiError::AdminDisabled,
+        ApiError::RouteNotFound,
+        ApiError::PayloadTooLarge { limit: crate::extract::MAX_BODY_BYTES },
+        ApiError::NotReady("redis did not answer".into()),
+    ];
+    let domain = [
+        user.map(DomainError::UserNotFound),
+        ProductId::new(3).ok().map(DomainError::ProductNotFound),
+        option.map(DomainError::ProductOptionNotFound),
+        CartItemId::new(12).ok().map(DomainError::CartItemNotFound),
+        OrderId::new(31).ok().map(DomainError::OrderNotFound),
+        Some(DomainError::BalanceLimitExceeded { limit: Money::MAX_BALANCE }),
+        Some(DomainError::CartQuantityLimitExceeded { max: 1000 }),
+        Money::new(500)
+            .ok()
+            .zip(Money::new(38_000).ok())
+            .map(|(balance, required)| DomainError::InsufficientBalance { balance, required }),
+        option.map(|option_id| DomainError::OutOfStock { option_id }),
+        ProductId::new(3).ok().map(|product_id| DomainError::ProductNotOnSale { product_id }),
+        OrderId::new(31).ok().map(|order_id| DomainError::OrderNotPayable { order_id, status: OrderStatus::Paid }),
+        Some(DomainError::LockTimeout { retry_after_secs: 1 }),
+        Some(DomainError::unavailable("example")),
+        Some(DomainError::UserNameTaken("kim".into())),
+        Some(DomainError::InvalidCredentials),
+        Some(DomainError::InvalidToken),
+        Some(DomainError::TooManyAttempts { retry_after_secs: 30 }),
+        user.map(|user_id| DomainError::PendingLimitExceeded { user_id }),
+        Some(DomainError::IdempotencyKeyReused),
+        Some(DomainError::IdempotencyKeyInUse),
+        Some(DomainError::unexpected("example")),
+    ];
+    errors.extend(domain.into_iter().flatten().map(ApiError::Domain));
+    errors.iter().map(ApiError::problem).collect()
+}
+
+/// Gives every `application/problem+json` response of `doc` the examples of the codes its description names
+/// (`404 USER_NOT_FOUND or PRODUCT_OPTION_NOT_FOUND` shows both), so that each documented error shows its own
+/// status and code rather than one shared example.
+pub fn document_examples(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::example::ExampleBuilder;
+    let problems = examples();
+    for item in doc.paths.paths.values_mut() {
+        let operations = [&mut item.get, &mut item.post, &mut item.put, &mut item.delete, &mut item.patch];
+        for operation in operations.into_iter().flatten() {
+            for (status, response) in &mut operation.responses.responses {
+                let RefOr::T(response) = response else { continue };
+                let Some(RefOr::T(content)) = response.content.get_mut("application/problem+json") else { continue };
+                for problem in problems
+                    .iter()
+                    .filter(|p| p.status.to_string() == *status && mentions(&response.description, p.code))
+                {
+                    let example =
+                        ExampleBuilder::new().summary(problem.code).value(serde_json::to_value(problem).ok()).build();
+                    content.examples.insert(problem.code.to_owned(), RefOr::T(example));
+                }
+            }
+        }
+    }
+}
+
+/// Whether `text` names `code` as a word (`ORDER_NOT_FOUND` is not named by `NOT_FOUND`'s description).
+fn mentions(text: &str, code: &str) -> bool {
+    text.split(|c: char| !(c.is_ascii_uppercase() || c == '_')).any(|word| word == code)
 }
 
 #[cfg(test)]

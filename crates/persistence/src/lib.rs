@@ -8,6 +8,7 @@
 //! - [`users`], [`products`], [`carts`], [`orders`]: the repositories.
 //! - [`uow`]: the unit of work and its transaction.
 //! - [`idempotency`]: the Idempotency-Key store.
+//! - [`sessions`]: the refresh tokens of signed-in sessions, and the secrets an embedded deployment keeps.
 //! - [`probe`]: the readiness probe.
 //! - [`seed`]: the demo data of an empty embedded database.
 //! - [`entity`]: the SeaORM entities.
@@ -21,6 +22,7 @@ pub mod orders;
 pub mod probe;
 pub mod products;
 pub mod seed;
+pub mod sessions;
 pub mod uow;
 pub mod users;
 
@@ -30,5 +32,6 @@ pub use idempotency::SeaIdempotencyStore;
 pub use orders::SeaOrderRepository;
 pub use probe::DatabaseProbe;
 pub use products::SeaProductRepository;
+pub use sessions::{SeaSessionStore, stored_secret};
 pub use uow::SeaUnitOfWork;
 pub use users::SeaUserRepository;

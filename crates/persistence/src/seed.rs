@@ -22,22 +22,48 @@ const CATALOGUE: &[(&str, &[DemoOption])] = &[
     ("Wool beanie", &[("One size", 15_000, 200)]),
 ];
 
-const USERS: &[(&str, i64)] = &[("demo-kim", 500_000), ("demo-lee", 100_000)];
+/// A demo user: the name and password to sign in with (shown in the start-up log and the README: demo only),
+/// and the balance it starts with.
+#[derive(Debug, Clone, Copy)]
+pub struct DemoUser {
+    pub name: &'static str,
+    pub password: &'static str,
+    pub balance: i64,
+}
 
-/// Seeds two users and a small catalogue, in one transaction, when the database has no user and no product.
+pub const DEMO_USERS: &[DemoUser] = &[
+    DemoUser { name: "demo-kim", password: "demo-kim-password", balance: 500_000 },
+    DemoUser { name: "demo-lee", password: "demo-lee-password", balance: 100_000 },
+];
+
+/// Whether the database is empty (no user and no product): the only one [`seed_demo`] writes to.
+///
+/// # Errors
+/// The driver's error.
+pub async fn is_empty(db: &DatabaseConnection) -> Result<bool, DbErr> {
+    Ok(user::Entity::find().count(db).await? == 0 && product::Entity::find().count(db).await? == 0)
+}
+
+/// Seeds the [`DEMO_USERS`] (with `hashes`, their passwords' hashes in the same order) and a small catalogue, in
+/// one transaction, when the database has no user and no product.
 ///
 /// # Errors
 /// The driver's error; then nothing is written.
-pub async fn seed_demo(db: &DatabaseConnection, now: DateTime<Utc>) -> Result<Option<Seeded>, DbErr> {
-    if user::Entity::find().count(db).await? > 0 || product::Entity::find().count(db).await? > 0 {
+pub async fn seed_demo(
+    db: &DatabaseConnection,
+    now: DateTime<Utc>,
+    hashes: &[String],
+) -> Result<Option<Seeded>, DbErr> {
+    if !is_empty(db).await? {
         return Ok(None);
     }
     let tx = db.begin().await?;
-    for (name, balance) in USERS {
+    for (demo, hash) in DEMO_USERS.iter().zip(hashes) {
         user::ActiveModel {
-            name: Set((*name).to_owned()),
-            balance: Set(*balance),
+            name: Set(demo.name.to_owned()),
+            balance: Set(demo.balance),
             version: Set(0),
+            password_hash: Set(Some(hash.clone())),
             created_at: Set(now),
             updated_at: Set(now),
             deleted_at: Set(None),
@@ -77,5 +103,5 @@ pub async fn seed_demo(db: &DatabaseConnection, now: DateTime<Utc>) -> Result<Op
         }
     }
     tx.commit().await?;
-    Ok(Some(Seeded { users: USERS.len(), products: CATALOGUE.len(), options }))
+    Ok(Some(Seeded { users: DEMO_USERS.len(), products: CATALOGUE.len(), options }))
 }

@@ -11,6 +11,7 @@ use sea_orm::{
     QueryFilter, QueryOrder, QuerySelect, Set, SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
 };
 use shop_domain::DomainError;
+use shop_domain::auth::Pending;
 use shop_domain::cart::CartItem;
 use shop_domain::idempotency::{IdempotencyClaim, StoredResponse};
 use shop_domain::ids::{OrderId, PaymentId, ProductOptionId, UserId};
@@ -173,6 +174,48 @@ impl CartTx for SeaTransaction {
 
 #[async_trait]
 impl OrderTx for SeaTransaction {
+    async fn hold_users(&mut self, ids: &[UserId]) -> Result<Vec<(UserId, Pending)>, DomainError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+        if self.tx.get_database_backend() == DbBackend::Postgres {
+            // Ascending, so two batches lock shared users in one order. SQLite needs no lock: its IMMEDIATE
+            // transactions already write one at a time.
+            let _: Vec<i64> = user::Entity::find()
+                .select_only()
+                .column(user::Column::Id)
+                .filter(user::Column::Id.is_in(raw.iter().copied()))
+                .order_by_asc(user::Column::Id)
+                .lock(LockType::NoKeyUpdate)
+                .into_tuple()
+                .all(&self.tx)
+                .await
+                .map_err(db)?;
+        }
+        // `idx_orders_pending_user` finds each user's unpaid orders.
+        let held: Vec<(i64, i64, i64)> = order::Entity::find()
+            .select_only()
+            .column(order::Column::UserId)
+            .column_as(Expr::col((order::Entity, order::Column::Id)).count_distinct(), "orders")
+            // PostgreSQL sums BIGINTs into NUMERIC: cast back, on both stores.
+            .column_as(Expr::cust("CAST(COALESCE(SUM(order_items.quantity), 0) AS BIGINT)"), "units")
+            .inner_join(order_item::Entity)
+            .filter(order::Column::UserId.is_in(raw))
+            .filter(order::Column::Status.eq(OrderStatus::PendingPayment.as_str()))
+            .group_by(order::Column::UserId)
+            .into_tuple()
+            .all(&self.tx)
+            .await
+            .map_err(db)?;
+        held.into_iter()
+            .map(|(user, orders, units)| {
+                let orders = u32::try_from(orders).map_err(DomainError::unexpected)?;
+                Ok((UserId::new(user).stored()?, Pending { orders, units }))
+            })
+            .collect()
+    }
+
     async fn insert_orders(&mut self, orders: &[NewOrder]) -> Result<Vec<Order>, DomainError> {
         let order_ids = self.next_ids("orders", orders.len()).await?;
         let payment_ids = self.next_ids("payments", orders.len()).await?;

@@ -5,8 +5,10 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect, Set,
+    SqlErr,
 };
 use shop_domain::DomainError;
+use shop_domain::auth::PasswordHash;
 use shop_domain::ids::UserId;
 use shop_domain::money::Money;
 use shop_domain::ports::UserRepository;
@@ -79,11 +81,12 @@ impl UserRepository for SeaUserRepository {
         rows.into_iter().map(|id| UserId::new(id).stored()).collect()
     }
 
-    async fn create(&self, name: &UserName, now: DateTime<Utc>) -> Result<User, DomainError> {
+    async fn create(&self, name: &UserName, password: &PasswordHash, now: DateTime<Utc>) -> Result<User, DomainError> {
         let model = user::ActiveModel {
             name: Set(name.as_str().to_owned()),
             balance: Set(0),
             version: Set(0),
+            password_hash: Set(Some(password.as_str().to_owned())),
             created_at: Set(now),
             updated_at: Set(now),
             deleted_at: Set(None),
@@ -91,8 +94,27 @@ impl UserRepository for SeaUserRepository {
         }
         .insert(&self.db)
         .await
-        .map_err(db)?;
+        .map_err(|e| match e.sql_err() {
+            // `uq_users_live_name`: the one unique constraint a new user can break.
+            Some(SqlErr::UniqueConstraintViolation(_)) => DomainError::UserNameTaken(name.as_str().to_owned()),
+            _ => db(e),
+        })?;
         to_user(model)
+    }
+
+    async fn find_by_name(&self, name: &UserName) -> Result<Option<(User, Option<PasswordHash>)>, DomainError> {
+        let found = user::Entity::find()
+            .filter(user::Column::Name.eq(name.as_str()))
+            .filter(user::Column::DeletedAt.is_null())
+            .one(&self.db)
+            .await
+            .map_err(db)?;
+        found
+            .map(|m| {
+                let hash = m.password_hash.clone().map(PasswordHash::new);
+                Ok((to_user(m)?, hash))
+            })
+            .transpose()
     }
 
     async fn find(&self, id: UserId) -> Result<Option<User>, DomainError> {

@@ -39,6 +39,7 @@ async fn insert_user(db: &DatabaseConnection, name: &str, balance: i64) -> user:
         name: Set(name.to_owned()),
         balance: Set(balance),
         version: Set(0),
+        password_hash: Set(None),
         created_at: Set(at(9)),
         updated_at: Set(at(9)),
         deleted_at: Set(None),
@@ -95,6 +96,13 @@ async fn exercise_schema(db: &DatabaseConnection) {
     let alice = insert_user(db, "alice", 100).await;
     let bob = insert_user(db, "bob", 0).await;
     assert!(alice.id > 0 && bob.id > alice.id, "ids {} then {}", alice.id, bob.id);
+    // One live user per name (`uq_users_live_name`; SQLite names the column instead of the index).
+    let twin = user::ActiveModel { name: Set("alice".to_owned()), ..user::ActiveModel::from(alice.clone()) };
+    let twin = user::ActiveModel { id: NotSet, ..twin }.insert(db).await.map(|u| u.id);
+    match twin {
+        Ok(id) => panic!("a second live alice was stored as {id}"),
+        Err(e) => assert!(e.to_string().contains("uq_users_live_name") || e.to_string().contains("users.name"), "{e}"),
+    }
 
     // CHECK (balance >= 0): an update making the balance negative fails and changes nothing.
     let negative = user::Entity::update_many()

@@ -18,6 +18,7 @@
 //! - [`strategy`]: [`RedisLockStock`], the stock strategy over any of them.
 //! - [`optimistic`]: [`RedisOptimisticStock`], `redis-optimistic`: reservations in a Redis mirror of the stock
 //!   with WATCH/MULTI/EXEC, its give-back, loading and reconciliation.
+//! - [`throttle`]: [`RedisThrottle`], failed sign-ins counted per key across every instance.
 //! - [`probe`]: [`RedisProbe`], PING for `/health/ready`.
 //! - `scripts`: the Lua scripts (acquire, unlock, extend, raise-fence) and the keys they derive.
 //! - `node`: connecting a client with bounded timeouts; the single-node lease.
@@ -31,6 +32,7 @@ pub mod redlock;
 mod scripts;
 pub mod spin;
 pub mod strategy;
+pub mod throttle;
 
 pub use lock::{DistributedLock, LockError, LockGuard};
 pub use optimistic::{OptimisticSettings, ReconcileReport, RedisOptimisticStock};
@@ -39,3 +41,4 @@ pub use pubsub::PubSubLock;
 pub use redlock::Redlock;
 pub use spin::SpinLock;
 pub use strategy::{RedisLockStock, option_lock_key};
+pub use throttle::RedisThrottle;

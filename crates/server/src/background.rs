@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use shop_domain::services::{IdempotencyService, OrderService};
+use shop_domain::services::{AuthService, IdempotencyService, OrderService};
 use shop_redis::RedisOptimisticStock;
 
 /// Every `interval`, for as long as the server runs: reconciles the stock mirror. Several instances may all
@@ -29,8 +29,14 @@ pub async fn reconcile_periodically(mirror: RedisOptimisticStock, interval: Dura
 }
 
 /// Every `interval`, for as long as the server runs: cancels unpaid orders past the timeout and deletes expired
-/// idempotency keys. Each order is cancelled, and its stock given back, exactly once.
-pub async fn sweep(orders: OrderService, idempotency: IdempotencyService, timeout: Duration, interval: Duration) {
+/// idempotency keys and refresh tokens. Each order is cancelled, and its stock given back, exactly once.
+pub async fn sweep(
+    orders: OrderService,
+    idempotency: IdempotencyService,
+    auth: AuthService,
+    timeout: Duration,
+    interval: Duration,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -44,6 +50,11 @@ pub async fn sweep(orders: OrderService, idempotency: IdempotencyService, timeou
             Ok(0) => {}
             Ok(purged) => tracing::info!(purged, "deleted expired idempotency keys"),
             Err(e) => tracing::warn!(error = %e, "the idempotency-key purge failed; it runs again next interval"),
+        }
+        match auth.purge_expired().await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "deleted expired refresh tokens"),
+            Err(e) => tracing::warn!(error = %e, "the refresh-token purge failed; it runs again next interval"),
         }
     }
 }

@@ -73,9 +73,39 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     /// `postgres://...` or `sqlite://path?mode=rwc`.
     pub database_url: String,
-    /// Bearer token of the admin API; unset disables it.
+    /// Bearer token of the admin API; unset disables it. Surrounding blanks are trimmed.
     #[serde(deserialize_with = "text_or_number")]
     pub admin_token: Option<String>,
+    /// The key access tokens are signed with (32+ bytes), shared by every instance. Required with PostgreSQL;
+    /// an embedded (SQLite) deployment without one generates one and keeps it in its database.
+    #[serde(deserialize_with = "text_or_number")]
+    pub auth_secret: Option<String>,
+    /// How long an access token is valid.
+    #[serde(with = "duration_text")]
+    pub access_token_ttl: Duration,
+    /// How long a refresh token is valid (each use rotates it).
+    #[serde(with = "duration_text")]
+    pub refresh_token_ttl: Duration,
+    /// Argon2id's memory per password hash, in KiB (OWASP's minimum: 19456).
+    pub password_hash_memory_kib: u32,
+    /// Argon2id's passes.
+    pub password_hash_iterations: u32,
+    /// Argon2id's lanes.
+    pub password_hash_parallelism: u32,
+    /// Failed sign-ins one name may have in a burst before it is throttled.
+    pub sign_in_failures_per_name: u32,
+    /// Failed sign-ins one client address may have in a burst (several users may share one).
+    pub sign_in_failures_per_client: u32,
+    /// Over how long those failures are forgiven (one more attempt every `window / failures`).
+    #[serde(with = "duration_text")]
+    pub sign_in_window: Duration,
+    /// Count sign-in failures per the client address a proxy forwards (`X-Forwarded-For`); only behind a proxy
+    /// that sets it, or clients could pick their own address.
+    pub trust_forwarded_for: bool,
+    /// Unpaid orders one user may hold at once.
+    pub max_pending_orders_per_user: u32,
+    /// Units one user may hold in unpaid orders at once.
+    pub max_pending_units_per_user: u32,
     pub stock_strategy: StockStrategy,
     pub log_format: LogFormat,
     /// Size of the database connection pool.
@@ -170,6 +200,18 @@ impl fmt::Debug for Settings {
             .field("http_addr", &self.http_addr)
             .field("database_url", &redact_url(&self.database_url))
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field("auth_secret", &self.auth_secret.as_ref().map(|_| "<set>"))
+            .field("access_token_ttl", &self.access_token_ttl)
+            .field("refresh_token_ttl", &self.refresh_token_ttl)
+            .field("password_hash_memory_kib", &self.password_hash_memory_kib)
+            .field("password_hash_iterations", &self.password_hash_iterations)
+            .field("password_hash_parallelism", &self.password_hash_parallelism)
+            .field("sign_in_failures_per_name", &self.sign_in_failures_per_name)
+            .field("sign_in_failures_per_client", &self.sign_in_failures_per_client)
+            .field("sign_in_window", &self.sign_in_window)
+            .field("trust_forwarded_for", &self.trust_forwarded_for)
+            .field("max_pending_orders_per_user", &self.max_pending_orders_per_user)
+            .field("max_pending_units_per_user", &self.max_pending_units_per_user)
             .field("stock_strategy", &self.stock_strategy)
             .field("log_format", &self.log_format)
             .field("db_max_connections", &self.db_max_connections)
@@ -242,6 +284,21 @@ impl Default for Settings {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             database_url: "sqlite://shop.db?mode=rwc".to_owned(),
             admin_token: None,
+            auth_secret: None,
+            access_token_ttl: Duration::from_secs(15 * 60),
+            refresh_token_ttl: Duration::from_secs(14 * 24 * 3600),
+            // OWASP's minimum for Argon2id.
+            password_hash_memory_kib: 19_456,
+            password_hash_iterations: 2,
+            password_hash_parallelism: 1,
+            // Five quick failures, then one attempt a minute.
+            sign_in_failures_per_name: 5,
+            sign_in_failures_per_client: 50,
+            sign_in_window: Duration::from_secs(5 * 60),
+            trust_forwarded_for: false,
+            // Enough for a real basket; too little for one account to park a sale's stock.
+            max_pending_orders_per_user: 10,
+            max_pending_units_per_user: 100,
             stock_strategy: StockStrategy::Conditional,
             log_format: LogFormat::Text,
             db_max_connections: 16,
@@ -293,10 +350,14 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(file));
         }
-        let settings: Self = figment
+        let mut settings: Self = figment
             .merge(Env::prefixed("SHOP_").ignore(&["config"]))
             .extract()
             .map_err(|e| ConfigError::Load(e.to_string()))?;
+        // A secret pasted with a trailing newline is the same secret.
+        for secret in [&mut settings.admin_token, &mut settings.auth_secret] {
+            *secret = secret.take().map(|s| s.trim().to_owned());
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -324,6 +385,28 @@ impl Settings {
         }
         if self.db_max_connections == 0 {
             return Err(ConfigError::Invalid { key: "SHOP_DB_MAX_CONNECTIONS", message: "must be at least 1".into() });
+        }
+        if let Some(secret) = self.auth_secret.as_deref().map(str::trim).filter(|s| s.len() < 32) {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_AUTH_SECRET",
+                message: format!("must be at least 32 bytes; {} given", secret.len()),
+            });
+        }
+        for (key, ttl) in
+            [("SHOP_ACCESS_TOKEN_TTL", self.access_token_ttl), ("SHOP_REFRESH_TOKEN_TTL", self.refresh_token_ttl)]
+        {
+            if ttl < Duration::from_secs(1) {
+                return Err(ConfigError::Invalid { key, message: "must be at least 1s".into() });
+            }
+        }
+        if self.sign_in_failures_per_name == 0 || self.sign_in_failures_per_client == 0 {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_SIGN_IN_FAILURES_PER_NAME",
+                message: "the sign-in failure quotas must be at least 1".into(),
+            });
+        }
+        if self.sign_in_window < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid { key: "SHOP_SIGN_IN_WINDOW", message: "must be at least 100ms".into() });
         }
         if self.admin_token.as_deref().is_some_and(|t| t.trim().len() < 8) {
             return Err(ConfigError::Invalid {
@@ -370,6 +453,23 @@ impl Settings {
         Ok(())
     }
 
+    /// What serving needs beyond [`Settings::validate`] (the other commands sign no tokens).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for PostgreSQL without `SHOP_AUTH_SECRET`.
+    pub fn validate_for_serving(&self) -> Result<(), ConfigError> {
+        self.validate()?;
+        if self.auth_secret.is_none() && !self.is_sqlite() {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_AUTH_SECRET",
+                message: "is required with PostgreSQL: every instance signs and checks access tokens with it \
+                          (32+ random bytes, e.g. `openssl rand -hex 32`)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     #[must_use]
     pub fn is_sqlite(&self) -> bool {
         self.database_url.starts_with("sqlite:")
@@ -381,7 +481,22 @@ mod tests {
     use super::*;
 
     fn settings(url: &str, strategy: StockStrategy) -> Settings {
-        Settings { database_url: url.into(), stock_strategy: strategy, ..Settings::default() }
+        let auth_secret = Some("0123456789abcdef0123456789abcdef".to_owned());
+        Settings { database_url: url.into(), stock_strategy: strategy, auth_secret, ..Settings::default() }
+    }
+
+    #[test]
+    fn postgres_needs_a_long_enough_auth_secret_and_sqlite_makes_its_own() {
+        let mut s = settings("postgres://localhost/db", StockStrategy::Conditional);
+        s.auth_secret = None;
+        assert!(s.validate().is_ok(), "migrate and reconcile sign nothing");
+        let err = s.validate_for_serving().unwrap_err().to_string();
+        assert!(err.contains("SHOP_AUTH_SECRET") && err.contains("PostgreSQL"), "{err}");
+        s.auth_secret = Some("too short".into());
+        assert!(s.validate().unwrap_err().to_string().contains("at least 32 bytes"));
+        let mut embedded = settings("sqlite://x.db", StockStrategy::Conditional);
+        embedded.auth_secret = None;
+        assert!(embedded.validate_for_serving().is_ok());
     }
 
     #[test]
@@ -466,6 +581,8 @@ mod tests {
             assert_eq!(s.redlock_urls, vec!["redis://a:1", "redis://b:2", "redis://c:3"]);
             jail.set_env("SHOP_ADMIN_TOKEN", "12345678");
             assert_eq!(Settings::load(None).map_err(|e| e.to_string())?.admin_token.as_deref(), Some("12345678"));
+            jail.set_env("SHOP_ADMIN_TOKEN", "  padded-token \n");
+            assert_eq!(Settings::load(None).map_err(|e| e.to_string())?.admin_token.as_deref(), Some("padded-token"));
             jail.set_env("SHOP_STOCK_STRATEGY", "bogus");
             let err = Settings::load(None).unwrap_err().to_string();
             assert!(err.contains("STOCK_STRATEGY") && err.contains("bogus"), "{err}");

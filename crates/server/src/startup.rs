@@ -8,7 +8,8 @@ use actix_web::HttpServer;
 use actix_web::dev::{Server, ServerHandle};
 use sea_orm::DatabaseConnection;
 use shop_domain::DomainError;
-use shop_domain::ports::Clock;
+use shop_domain::auth::Password;
+use shop_domain::ports::{Clock, PasswordHasher};
 use shop_domain::services::{IdempotencyService, OrderService};
 use shop_persistence::PoolSettings;
 use tokio::task::JoinHandle;
@@ -32,6 +33,8 @@ pub enum StartupError {
     Redis { strategy: StockStrategyName, source: shop_redis::LockError },
     #[error("reconciling the stock mirror failed: {0}")]
     Reconcile(DomainError),
+    #[error("seeding the demo data failed: {0}")]
+    Seed(DomainError),
 }
 
 impl StartupError {
@@ -52,6 +55,43 @@ pub async fn connect_and_migrate(settings: &Settings) -> Result<DatabaseConnecti
     let db = shop_persistence::connect(&settings.database_url, pool).await.map_err(StartupError::database(settings))?;
     shop_persistence::migrate(&db, &settings.database_url).await.map_err(StartupError::database(settings))?;
     Ok(db)
+}
+
+/// Seeds the demo users (their passwords hashed as any other) and catalogue into an empty embedded database,
+/// and says how to sign in as them.
+async fn seed_demo(
+    settings: &Settings,
+    db: &DatabaseConnection,
+    clock: &dyn Clock,
+    hasher: &dyn PasswordHasher,
+) -> Result<(), StartupError> {
+    use shop_persistence::seed::{self, DEMO_USERS};
+    if !seed::is_empty(db).await.map_err(StartupError::database(settings))? {
+        return Ok(());
+    }
+    let mut hashes = Vec::with_capacity(DEMO_USERS.len());
+    for demo in DEMO_USERS {
+        let password = Password::new(demo.password).map_err(|e| StartupError::Seed(e.into()))?;
+        let hash = hasher.hash(&password).await.map_err(StartupError::Seed)?;
+        hashes.push(hash.as_str().to_owned());
+    }
+    if let Some(seeded) = seed::seed_demo(db, clock.now(), &hashes).await.map_err(StartupError::database(settings))? {
+        tracing::info!(
+            users = seeded.users,
+            products = seeded.products,
+            options = seeded.options,
+            "seeded the empty embedded database with demo data"
+        );
+        for demo in DEMO_USERS {
+            // Demo accounts of a local database only: their passwords are in the README too.
+            tracing::info!(
+                name = demo.name,
+                password = demo.password,
+                "demo user: sign in with POST /api/v1/auth/token"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A bound server with everything wired, not yet running.
@@ -77,26 +117,19 @@ impl Application {
     /// # Errors
     /// [`StartupError`] saying what is wrong.
     pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
-        settings.validate()?;
+        settings.validate_for_serving()?;
         let db = connect_and_migrate(&settings).await?;
+        let hasher = Arc::new(wiring::hasher(&settings)?);
         if settings.is_sqlite() && settings.seed_demo {
-            let seeded =
-                shop_persistence::seed::seed_demo(&db, clock.now()).await.map_err(StartupError::database(&settings))?;
-            if let Some(seeded) = seeded {
-                tracing::info!(
-                    users = seeded.users,
-                    products = seeded.products,
-                    options = seeded.options,
-                    "seeded the empty embedded database with demo data"
-                );
-            }
+            seed_demo(&settings, &db, clock.as_ref(), hasher.as_ref()).await?;
         }
         let events = BroadcastPublisher::new(1024);
         let mut background = vec![tokio::spawn(events::log_events(events.subscribe()))];
-        let (state, mirror) = wiring::wire(&settings, &db, clock, Arc::new(events)).await?;
+        let (state, mirror) = wiring::wire(&settings, &db, clock, Arc::new(events), hasher).await?;
         background.push(tokio::spawn(background::sweep(
             state.orders.clone(),
             state.idempotency.clone(),
+            state.auth.clone(),
             settings.order_payment_timeout,
             settings.order_sweep_interval,
         )));

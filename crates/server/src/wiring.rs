@@ -4,17 +4,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::DatabaseConnection;
-use shop_domain::ports::{Clock, NoStockMirror, OrderRepository, Probe, RetryPolicy, StockMirror, StockStrategy};
-use shop_domain::services::{CartService, CatalogService, Combining, IdempotencyService, OrderService, UserService};
+use shop_auth::{Argon2Hasher, AuthSecret, GovernorThrottle, HashParams, JwtTokens};
+use shop_domain::auth::{PendingCaps, ThrottleQuota};
+use shop_domain::ports::{
+    Clock, NoStockMirror, OrderRepository, PasswordHasher, Probe, RetryPolicy, SignInThrottle, StockMirror,
+    StockStrategy, Tokens,
+};
+use shop_domain::services::{
+    AuthService, CartService, CatalogService, Combining, IdempotencyService, OrderService, UserService,
+};
 use shop_domain::stock::{ConditionalStock, LocalLockStock, OptimisticStock, PessimisticStock};
 use shop_http::AppState;
 use shop_persistence::{
-    DatabaseProbe, SeaCartRepository, SeaIdempotencyStore, SeaOrderRepository, SeaProductRepository, SeaUnitOfWork,
-    SeaUserRepository,
+    DatabaseProbe, SeaCartRepository, SeaIdempotencyStore, SeaOrderRepository, SeaProductRepository, SeaSessionStore,
+    SeaUnitOfWork, SeaUserRepository,
 };
-use shop_redis::{OptimisticSettings, PubSubLock, RedisLockStock, RedisOptimisticStock, Redlock, SpinLock};
+use shop_redis::{
+    OptimisticSettings, PubSubLock, RedisLockStock, RedisOptimisticStock, RedisThrottle, Redlock, SpinLock,
+};
 
-use crate::config::{Settings, StockStrategy as StockStrategyName};
+use crate::config::{ConfigError, Settings, StockStrategy as StockStrategyName};
 use crate::events::BroadcastPublisher;
 use crate::startup::StartupError;
 
@@ -101,12 +110,60 @@ async fn stock_strategy(settings: &Settings, levels: Arc<dyn OrderRepository>) -
     })
 }
 
+/// The password hasher the settings describe.
+pub(crate) fn hasher(settings: &Settings) -> Result<Argon2Hasher, StartupError> {
+    let params = HashParams {
+        memory_kib: settings.password_hash_memory_kib,
+        iterations: settings.password_hash_iterations,
+        parallelism: settings.password_hash_parallelism,
+    };
+    Argon2Hasher::new(params)
+        .map_err(|message| ConfigError::Invalid { key: "SHOP_PASSWORD_HASH_MEMORY_KIB", message }.into())
+}
+
+/// The key tokens are signed with: the configured one, or (embedded) the one this database keeps, made on first
+/// start.
+async fn auth_secret(
+    settings: &Settings,
+    db: &DatabaseConnection,
+    clock: &dyn Clock,
+) -> Result<AuthSecret, StartupError> {
+    let text = match &settings.auth_secret {
+        Some(secret) => secret.clone(),
+        None => {
+            let generate = || String::from_utf8_lossy(AuthSecret::generate().as_bytes()).into_owned();
+            shop_persistence::stored_secret(db, "auth_secret", generate, clock.now())
+                .await
+                .map_err(StartupError::database(settings))?
+        }
+    };
+    AuthSecret::new(text.into_bytes())
+        .map_err(|message| ConfigError::Invalid { key: "SHOP_AUTH_SECRET", message }.into())
+}
+
+/// Failed sign-ins counted in Redis when the deployment has one (every instance then shares the count), else in
+/// this process.
+async fn throttle(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<dyn SignInThrottle>, StartupError> {
+    let names = ThrottleQuota { failures: settings.sign_in_failures_per_name, window: settings.sign_in_window };
+    let clients = ThrottleQuota { failures: settings.sign_in_failures_per_client, window: settings.sign_in_window };
+    if let Some(url) = &settings.redis_url {
+        let redis = RedisThrottle::connect(url, settings.redis_key_prefix.clone(), names, clients)
+            .await
+            .map_err(|source| StartupError::Redis { strategy: settings.stock_strategy, source })?;
+        return Ok(Arc::new(redis));
+    }
+    let local = GovernorThrottle::new(names, clients, clock)
+        .map_err(|message| ConfigError::Invalid { key: "SHOP_SIGN_IN_WINDOW", message })?;
+    Ok(Arc::new(local))
+}
+
 /// Every use case on the adapters the settings choose, and the stock mirror when the strategy keeps one.
 pub(crate) async fn wire(
     settings: &Settings,
     db: &DatabaseConnection,
     clock: Arc<dyn Clock>,
     events: Arc<BroadcastPublisher>,
+    hasher: Arc<dyn PasswordHasher>,
 ) -> Result<(AppState, Option<RedisOptimisticStock>), StartupError> {
     let orders = Arc::new(SeaOrderRepository::new(db.clone()));
     let StockWiring { strategy: stock, probe: stock_probe, mirror } = stock_strategy(settings, orders.clone()).await?;
@@ -121,13 +178,31 @@ pub(crate) async fn wire(
     let carts = Arc::new(SeaCartRepository::new(db.clone()));
     let uow = Arc::new(SeaUnitOfWork::new(db.clone()));
     let idempotency = Arc::new(SeaIdempotencyStore::new(db.clone()));
+    let tokens: Arc<dyn Tokens> =
+        Arc::new(JwtTokens::new(&auth_secret(settings, db, clock.as_ref()).await?, settings.access_token_ttl));
     let combining = Combining {
         batch_max: settings.order_batch_max as usize,
         queue_max: settings.order_queue_max as usize,
         wait: Duration::from_millis(settings.lock_wait_ms),
     };
+    let caps = PendingCaps {
+        orders: settings.max_pending_orders_per_user,
+        units: i64::from(settings.max_pending_units_per_user),
+    };
     let state = AppState {
-        users: UserService::new(users.clone(), uow.clone(), clock.clone()),
+        users: UserService::new(users.clone(), hasher.clone(), uow.clone(), clock.clone()),
+        auth: AuthService::new(
+            users.clone(),
+            hasher,
+            tokens.clone(),
+            Arc::new(SeaSessionStore::new(db.clone())),
+            throttle(settings, clock.clone()).await?,
+            clock.clone(),
+            settings.refresh_token_ttl,
+        ),
+        tokens,
+        clock: clock.clone(),
+        trust_forwarded_for: settings.trust_forwarded_for,
         idempotency: IdempotencyService::new(
             idempotency,
             uow.clone(),
@@ -138,6 +213,7 @@ pub(crate) async fn wire(
         catalog: CatalogService::new(products, clock.clone()).with_stock_mirror(stock_mirror.clone()),
         orders: OrderService::new(uow.clone(), orders, users.clone(), stock, clock.clone(), events)
             .with_stock_mirror(stock_mirror)
+            .with_pending_caps(caps)
             .combining(combining),
         cart: CartService::new(carts, users, uow, clock),
         admin_token: settings.admin_token.as_deref().map(Arc::from),

@@ -9,9 +9,11 @@
 //! - [`repositories`]: reads and single-statement writes outside a transaction, and the idempotency store.
 //! - [`transaction`]: the unit of work and the roles of one transaction (cart, orders, payments, stock,
 //!   idempotency), so that each caller is handed only what it may touch.
+//! - [`auth`]: password hashing, tokens, sessions and the sign-in throttle.
 //! - [`stock`]: the stock strategy port with the rows and permits it works with, and the stock mirror.
 //! - here: the clock, events, readiness probes, and whether a client is still connected.
 
+pub mod auth;
 pub mod repositories;
 pub mod stock;
 pub mod transaction;
@@ -26,12 +28,15 @@ use crate::error::DomainError;
 use crate::ids::{OrderId, PaymentId, UserId};
 use crate::money::Money;
 
+pub use auth::{PasswordHasher, SessionStore, SignInThrottle, Tokens};
 pub use repositories::{CartRepository, IdempotencyStore, OrderRepository, ProductRepository, UserRepository};
 pub use stock::{
     Admission, FencedWrite, NoStockMirror, RetryPolicy, StockMirror, StockPermit, StockRow, StockStrategy, StockTake,
 };
 pub use transaction::{CartTx, IdempotencyTx, OrderTx, PaymentTx, StockTx, Transaction, UnitOfWork};
 
+#[cfg(any(test, feature = "mocks"))]
+pub use auth::{MockPasswordHasher, MockSessionStore, MockSignInThrottle, MockTokens};
 #[cfg(any(test, feature = "mocks"))]
 pub use repositories::{
     MockCartRepository, MockIdempotencyStore, MockOrderRepository, MockProductRepository, MockUserRepository,

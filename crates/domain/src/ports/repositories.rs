@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::auth::PasswordHash;
 use crate::cart::CartItem;
 use crate::error::DomainError;
 use crate::idempotency::{ClaimOutcome, IdempotencyClaim, IdempotencyKey};
@@ -18,7 +19,12 @@ use crate::user::{ChargeAmount, User, UserName};
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait UserRepository: Send + Sync {
-    async fn create(&self, name: &UserName, now: DateTime<Utc>) -> Result<User, DomainError>;
+    /// # Errors
+    /// [`DomainError::UserNameTaken`] when a live user has this name.
+    async fn create(&self, name: &UserName, password: &PasswordHash, now: DateTime<Utc>) -> Result<User, DomainError>;
+
+    /// The live user of this name with their password hash (`None` for a user made before accounts existed).
+    async fn find_by_name(&self, name: &UserName) -> Result<Option<(User, Option<PasswordHash>)>, DomainError>;
 
     /// A user that exists and is not soft-deleted.
     async fn find(&self, id: UserId) -> Result<Option<User>, DomainError>;

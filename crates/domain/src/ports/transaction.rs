@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::auth::Pending;
 use crate::cart::CartItem;
 use crate::error::DomainError;
 use crate::idempotency::{IdempotencyClaim, StoredResponse};
@@ -72,6 +73,11 @@ pub trait CartTx: Send {
 /// Orders and their state machine.
 #[async_trait]
 pub trait OrderTx: Send {
+    /// Locks these users' rows until the transaction ends (ascending, and before any stock row: the order every
+    /// writer takes them in) and counts what each holds in unpaid orders; a user missing from the answer holds
+    /// nothing. Under the lock no other transaction can place an order for them meanwhile.
+    async fn hold_users(&mut self, ids: &[UserId]) -> Result<Vec<(UserId, Pending)>, DomainError>;
+
     /// Inserts the orders, their items and a PENDING payment each, with one multi-row statement per table;
     /// returns them as stored, in the order given.
     async fn insert_orders(&mut self, orders: &[NewOrder]) -> Result<Vec<Order>, DomainError>;
@@ -229,6 +235,7 @@ mockall::mock! {
 
     #[async_trait]
     impl OrderTx for Transaction {
+        async fn hold_users(&mut self, ids: &[UserId]) -> Result<Vec<(UserId, Pending)>, DomainError>;
         async fn insert_orders(&mut self, orders: &[NewOrder]) -> Result<Vec<Order>, DomainError>;
         async fn delete_orders(&mut self, ids: &[OrderId]) -> Result<(), DomainError>;
         async fn find_orders(&mut self, ids: &[OrderId]) -> Result<Vec<Order>, DomainError>;

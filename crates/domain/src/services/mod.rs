@@ -1,9 +1,10 @@
 //! Use cases, one module per aggregate. Each service holds the ports it needs as `Arc<dyn Port>`.
 //!
-//! - [`users`], [`catalog`], [`cart`], [`idempotency`]: one service each.
+//! - [`users`], [`auth`], [`catalog`], [`cart`], [`idempotency`]: one service each.
 //! - [`orders`]: placing, paying and expiring orders, in batches.
 //! - [`lanes`]: the per-key queues that combine requests into batches.
 
+pub mod auth;
 pub mod cart;
 pub mod catalog;
 pub mod idempotency;
@@ -11,6 +12,7 @@ pub mod lanes;
 pub mod orders;
 pub mod users;
 
+pub use auth::AuthService;
 pub use cart::CartService;
 pub use catalog::CatalogService;
 pub use idempotency::{Claimed, IdempotencyService};

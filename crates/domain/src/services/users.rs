@@ -2,16 +2,18 @@
 
 use std::sync::Arc;
 
+use crate::auth::Password;
 use crate::error::DomainError;
 use crate::idempotency::Recorder;
 use crate::ids::UserId;
 use crate::money::Money;
-use crate::ports::{Clock, UnitOfWork, UserRepository};
+use crate::ports::{Clock, PasswordHasher, UnitOfWork, UserRepository};
 use crate::user::{ChargeAmount, User, UserName};
 
 #[derive(Clone)]
 pub struct UserService {
     users: Arc<dyn UserRepository>,
+    hasher: Arc<dyn PasswordHasher>,
     uow: Arc<dyn UnitOfWork>,
     clock: Arc<dyn Clock>,
 }
@@ -23,14 +25,30 @@ impl std::fmt::Debug for UserService {
 }
 
 impl UserService {
-    pub fn new(users: Arc<dyn UserRepository>, uow: Arc<dyn UnitOfWork>, clock: Arc<dyn Clock>) -> Self {
-        Self { users, uow, clock }
+    pub fn new(
+        users: Arc<dyn UserRepository>,
+        hasher: Arc<dyn PasswordHasher>,
+        uow: Arc<dyn UnitOfWork>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self { users, hasher, uow, clock }
     }
 
+    /// Creates a user who signs in with `password` (stored only as its hash).
+    ///
     /// # Errors
-    /// [`DomainError::Unexpected`] when the store fails.
-    pub async fn create(&self, name: UserName) -> Result<User, DomainError> {
-        self.users.create(&name, self.clock.now()).await
+    /// [`DomainError::UserNameTaken`] when a live user has this name.
+    pub async fn create(&self, name: UserName, password: &Password) -> Result<User, DomainError> {
+        let hash = self.hasher.hash(password).await?;
+        self.users.create(&name, &hash, self.clock.now()).await
+    }
+
+    /// A live user.
+    ///
+    /// # Errors
+    /// [`DomainError::UserNotFound`].
+    pub async fn find(&self, id: UserId) -> Result<User, DomainError> {
+        self.users.find(id).await?.ok_or(DomainError::UserNotFound(id))
     }
 
     /// # Errors
@@ -69,7 +87,10 @@ impl UserService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ports::{MockClock, MockTransaction, MockUnitOfWork, MockUserRepository, Transaction};
+    use crate::auth::PasswordHash;
+    use crate::ports::{
+        MockClock, MockPasswordHasher, MockTransaction, MockUnitOfWork, MockUserRepository, Transaction,
+    };
     use chrono::{TimeZone, Utc};
     use mockall::predicate::eq;
 
@@ -83,14 +104,25 @@ mod tests {
         UserId::new(n).unwrap()
     }
 
+    /// A hasher that "hashes" by prefixing, so tests can see what was stored.
+    fn hasher() -> Arc<MockPasswordHasher> {
+        let mut hasher = MockPasswordHasher::new();
+        hasher.expect_hash().returning(|p| Ok(PasswordHash::new(format!("hashed:{}", p.expose()))));
+        Arc::new(hasher)
+    }
+
     #[tokio::test]
-    async fn create_stores_the_parsed_name_at_the_clock_time() {
+    async fn create_stores_the_parsed_name_and_only_the_hash_at_the_clock_time() {
         let mut repo = MockUserRepository::new();
         repo.expect_create()
-            .withf(|name, now| name.as_str() == "kim" && now.to_rfc3339() == "2026-11-25T09:00:00+00:00")
-            .returning(|name, _| Ok(User { id: uid(1), name: name.as_str().into(), balance: Money::ZERO }));
-        let user = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock())
-            .create(UserName::new(" kim ").unwrap())
+            .withf(|name, hash, now| {
+                name.as_str() == "kim"
+                    && hash.as_str() == "hashed:correct horse"
+                    && now.to_rfc3339() == "2026-11-25T09:00:00+00:00"
+            })
+            .returning(|name, _, _| Ok(User { id: uid(1), name: name.as_str().into(), balance: Money::ZERO }));
+        let user = UserService::new(Arc::new(repo), hasher(), Arc::new(MockUnitOfWork::new()), clock())
+            .create(UserName::new(" kim ").unwrap(), &Password::new("correct horse").unwrap())
             .await
             .unwrap();
         assert_eq!((user.id, user.name.as_str(), user.balance), (uid(1), "kim", Money::ZERO));
@@ -100,7 +132,7 @@ mod tests {
     async fn balance_of_an_unknown_user_is_not_found() {
         let mut repo = MockUserRepository::new();
         repo.expect_find().with(eq(uid(9))).returning(|_| Ok(None));
-        let err = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock())
+        let err = UserService::new(Arc::new(repo), hasher(), Arc::new(MockUnitOfWork::new()), clock())
             .balance(uid(9))
             .await
             .unwrap_err();
@@ -111,8 +143,10 @@ mod tests {
     async fn balance_reads_the_user() {
         let mut repo = MockUserRepository::new();
         repo.expect_find().returning(|id| Ok(Some(User { id, name: "kim".into(), balance: Money::new(500).unwrap() })));
-        let balance =
-            UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock()).balance(uid(1)).await.unwrap();
+        let balance = UserService::new(Arc::new(repo), hasher(), Arc::new(MockUnitOfWork::new()), clock())
+            .balance(uid(1))
+            .await
+            .unwrap();
         assert_eq!(balance.won(), 500);
     }
 
@@ -128,7 +162,7 @@ mod tests {
     async fn a_charge_past_the_limit_is_refused_by_the_rule_before_any_write() {
         let mut repo = with_balance(User::BALANCE_LIMIT.won() - 5);
         repo.expect_charge().never();
-        let err = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock())
+        let err = UserService::new(Arc::new(repo), hasher(), Arc::new(MockUnitOfWork::new()), clock())
             .charge(uid(1), ChargeAmount::new(6).unwrap(), None)
             .await
             .unwrap_err();
@@ -140,7 +174,7 @@ mod tests {
         let mut repo = MockUserRepository::new();
         repo.expect_find().returning(|_| Ok(None));
         repo.expect_charge().never();
-        let err = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock())
+        let err = UserService::new(Arc::new(repo), hasher(), Arc::new(MockUnitOfWork::new()), clock())
             .charge(uid(1), ChargeAmount::new(6).unwrap(), None)
             .await
             .unwrap_err();
@@ -155,7 +189,7 @@ mod tests {
                 *id == uid(1) && amount.money().won() == 1000 && *limit == User::BALANCE_LIMIT
             })
             .returning(|_, _, _, _| Ok(Money::new(1000).unwrap()));
-        let svc = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock());
+        let svc = UserService::new(Arc::new(repo), hasher(), Arc::new(MockUnitOfWork::new()), clock());
         assert_eq!(svc.charge(uid(1), ChargeAmount::new(1000).unwrap(), None).await.unwrap().won(), 1000);
     }
 
@@ -179,7 +213,7 @@ mod tests {
         });
         let mut repo = with_balance(0);
         repo.expect_charge().never();
-        let svc = UserService::new(Arc::new(repo), Arc::new(uow), clock());
+        let svc = UserService::new(Arc::new(repo), hasher(), Arc::new(uow), clock());
         let claim = IdempotencyClaim { id: 1, user_id: uid(1), key: IdempotencyKey::new("k").unwrap(), token: 1 };
         let recorder = Recorder::new(
             claim,
@@ -195,7 +229,7 @@ mod tests {
     async fn a_concurrent_charge_caught_by_the_guard_passes_through() {
         let mut repo = with_balance(0);
         repo.expect_charge().returning(|_, _, limit, _| Err(DomainError::BalanceLimitExceeded { limit }));
-        let err = UserService::new(Arc::new(repo), Arc::new(MockUnitOfWork::new()), clock())
+        let err = UserService::new(Arc::new(repo), hasher(), Arc::new(MockUnitOfWork::new()), clock())
             .charge(uid(1), ChargeAmount::new(1).unwrap(), None)
             .await
             .unwrap_err();

@@ -1,6 +1,7 @@
 //! Handlers and their DTOs, one module per resource.
 
 pub mod admin;
+pub mod auth;
 pub mod cart;
 pub mod health;
 pub mod orders;

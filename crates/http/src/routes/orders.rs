@@ -16,7 +16,7 @@ use validator::Validate;
 
 use crate::AppState;
 use crate::connection;
-use crate::extract::{ValidJson, ValidQuery};
+use crate::extract::{Caller, OptionalJson, ValidJson, ValidQuery};
 use crate::idempotency::{Begin, IdempotencyKeyParam, KeyHeader, begin, finish, renderer, request_hash};
 use crate::problem::{ApiError, Problem};
 use crate::routes::products::PageQuery;
@@ -36,22 +36,25 @@ pub struct OrderLineRequest {
 #[derive(Debug, Serialize, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateOrderRequest {
+    /// Optional; when given, the caller's id.
     #[validate(range(min = 1))]
     #[schema(minimum = 1, example = 1)]
-    pub user_id: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<i64>,
     /// 1..=50 lines.
     #[validate(length(min = 1, max = 50), nested)]
     #[schema(min_items = 1, max_items = 50)]
     pub items: Vec<OrderLineRequest>,
 }
 
-#[derive(Debug, Serialize, Deserialize, Validate, ToSchema)]
+#[derive(Debug, Default, Serialize, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PayRequest {
-    /// The order's owner.
+    /// Optional; when given, the caller's id (the order's owner).
     #[validate(range(min = 1))]
     #[schema(minimum = 1, example = 1)]
-    pub user_id: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -165,13 +168,16 @@ pub struct OrderPage {
 /// `Idempotency-Key`, a retry replays the first answer (the same order) instead of ordering again.
 #[utoipa::path(
     tag = "orders",
+    security(("bearer" = [])),
     params(IdempotencyKeyParam),
     request_body = CreateOrderRequest,
     responses(
         (status = 201, description = "The order, PENDING_PAYMENT with a PENDING payment", body = OrderResponse),
         (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED: no valid access token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN: the body's userId is another user", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "USER_NOT_FOUND or PRODUCT_OPTION_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "OUT_OF_STOCK (names the option in productOptionId) or PRODUCT_NOT_ON_SALE, nothing was taken; or IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "OUT_OF_STOCK (names the option in productOptionId) or PRODUCT_NOT_ON_SALE, nothing was taken; PENDING_LIMIT_EXCEEDED: the caller holds as many unpaid orders or units as one user may; or IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key came with a different request", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "LOCK_TIMEOUT: the stock could not be had in time; or SERVICE_UNAVAILABLE: too many orders wait for this option, or a dependency is down. Nothing was taken; retry after Retry-After seconds", body = Problem, content_type = "application/problem+json"),
     )
@@ -180,11 +186,15 @@ pub struct OrderPage {
 pub async fn create_order(
     req: HttpRequest,
     state: web::Data<AppState>,
+    caller: Caller,
     key: KeyHeader,
     body: ValidJson<CreateOrderRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.0;
-    let user = UserId::new(body.user_id)?;
+    let user = match body.user_id {
+        Some(named) => caller.must_be(UserId::new(named)?)?,
+        None => caller.0,
+    };
     let lines = body
         .items
         .iter()
@@ -197,7 +207,9 @@ pub async fn create_order(
         .collect::<Result<Vec<_>, ApiError>>()?;
     let request = OrderRequest::new(user, lines)?;
     let render = Arc::new(renderer(StatusCode::CREATED, |order: &Order| OrderResponse::from(order.clone())));
-    let claim = match begin(&state, user, key.0, || request_hash("POST /api/v1/orders", &body)).await? {
+    // The request as it acts: the caller's, whether or not the body named them.
+    let acting = serde_json::json!({"userId": user.get(), "items": &body.items});
+    let claim = match begin(&state, user, key.0, || request_hash("POST /api/v1/orders", &acting)).await? {
         Begin::Replay(response) => return Ok(response),
         Begin::Run(claim) => claim,
     };
@@ -206,39 +218,49 @@ pub async fn create_order(
     finish(&state, claim.as_ref(), outcome, render.as_ref()).await
 }
 
-/// One order with its items and payment.
+/// One of the caller's orders, with its items and payment.
 #[utoipa::path(
     tag = "orders",
+    security(("bearer" = [])),
     params(("orderId" = i64, Path, minimum = 1, description = "Order id")),
     responses(
         (status = 200, description = "The order", body = OrderResponse),
         (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED: no valid access token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "ORDER_NOT_FOUND (also for another user's order)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[get("/api/v1/orders/{orderId}")]
-pub async fn get_order(state: web::Data<AppState>, path: web::Path<i64>) -> Result<HttpResponse, ApiError> {
-    let order = state.orders.get(OrderId::new(path.into_inner())?).await?;
+pub async fn get_order(
+    state: web::Data<AppState>,
+    caller: Caller,
+    path: web::Path<i64>,
+) -> Result<HttpResponse, ApiError> {
+    let order = state.orders.get_for(OrderId::new(path.into_inner())?, caller.0).await?;
     Ok(HttpResponse::Ok().json(OrderResponse::from(order)))
 }
 
-/// The user's orders, newest first.
+/// The caller's orders, newest first.
 #[utoipa::path(
     tag = "orders",
-    params(("userId" = i64, Path, minimum = 1, description = "User id"), PageQuery),
+    security(("bearer" = [])),
+    params(("userId" = i64, Path, minimum = 1, description = "User id: the caller's"), PageQuery),
     responses(
         (status = 200, description = "A page of orders", body = OrderPage),
         (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED: no valid access token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN: the path names another user", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "USER_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[get("/api/v1/users/{userId}/orders")]
 pub async fn list_orders(
     state: web::Data<AppState>,
+    caller: Caller,
     path: web::Path<i64>,
     ValidQuery(query): ValidQuery<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = UserId::new(path.into_inner())?;
+    let user = caller.must_be(UserId::new(path.into_inner())?)?;
     let page = state.orders.list(user, query.parse()?).await?;
     Ok(HttpResponse::Ok().json(OrderPage {
         items: page.items.into_iter().map(OrderResponse::from).collect(),
@@ -248,15 +270,18 @@ pub async fn list_orders(
     }))
 }
 
-/// Pays the order from the user's balance. Of concurrent payments of one order exactly one succeeds. With an
-/// `Idempotency-Key`, a retry replays the first answer.
+/// Pays one of the caller's orders from their balance. Of concurrent payments of one order exactly one succeeds.
+/// The body may be empty (`{}`). With an `Idempotency-Key`, a retry replays the first answer.
 #[utoipa::path(
     tag = "orders",
+    security(("bearer" = [])),
     params(("orderId" = i64, Path, minimum = 1, description = "Order id"), IdempotencyKeyParam),
     request_body = PayRequest,
     responses(
         (status = 200, description = "The payment, COMPLETED; the order is PAID", body = PaymentResponse),
         (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED: no valid access token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN: the body's userId is another user", body = Problem, content_type = "application/problem+json"),
         (status = 402, description = "INSUFFICIENT_BALANCE: the payment FAILED, the order is CANCELLED and its stock given back", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "ORDER_NOT_FOUND (also for another user's order)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "ORDER_NOT_PAYABLE: the order is not PENDING_PAYMENT; or IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
@@ -268,15 +293,20 @@ pub async fn list_orders(
 pub async fn pay_order(
     req: HttpRequest,
     state: web::Data<AppState>,
+    caller: Caller,
     path: web::Path<i64>,
     key: KeyHeader,
-    body: ValidJson<PayRequest>,
+    body: OptionalJson<PayRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let order = OrderId::new(path.into_inner())?;
-    let user = UserId::new(body.0.user_id)?;
+    let user = match body.0.user_id {
+        Some(named) => caller.must_be(UserId::new(named)?)?,
+        None => caller.0,
+    };
     let render = Arc::new(renderer(StatusCode::OK, |payment: &Payment| PaymentResponse::from(payment.clone())));
     let route = format!("POST /api/v1/orders/{order}/payment");
-    let claim = match begin(&state, user, key.0, || request_hash(&route, &body.0)).await? {
+    let acting = serde_json::json!({"userId": user.get()});
+    let claim = match begin(&state, user, key.0, || request_hash(&route, &acting)).await? {
         Begin::Replay(response) => return Ok(response),
         Begin::Run(claim) => claim,
     };

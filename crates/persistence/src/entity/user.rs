@@ -13,6 +13,9 @@ pub struct Model {
     pub balance: i64,
     /// Optimistic-lock version.
     pub version: i64,
+    /// The Argon2id hash (PHC string); `None` for a user made before accounts existed.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub password_hash: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     pub deleted_at: Option<DateTimeUtc>,

@@ -31,8 +31,11 @@ async fn release(app: &Arc<TestApp>, asks: Vec<Ask>) -> Vec<Resp> {
         .map(|ask| {
             let (app, barrier) = (app.clone(), barrier.clone());
             tokio::spawn(async move {
-                let mut req =
-                    app.client.post(app.url("/api/v1/orders")).json(&json!({"userId": ask.user, "items": ask.items}));
+                let mut req = app
+                    .client
+                    .post(app.url("/api/v1/orders"))
+                    .bearer_auth(app.token(ask.user))
+                    .json(&json!({"userId": ask.user, "items": ask.items}));
                 if let Some(key) = ask.key {
                     req = req.header("Idempotency-Key", key);
                 }
@@ -209,9 +212,9 @@ async fn one_failing_order_never_fails_its_batch() {
         .unwrap();
     let first = {
         let (app, user) = (app.clone(), buyers[0]);
-        tokio::spawn(
-            async move { app.post("/api/v1/orders", json!({"userId": user, "items": [line(option, 1)]})).await },
-        )
+        tokio::spawn(async move {
+            app.post_as(user, "/api/v1/orders", json!({"userId": user, "items": [line(option, 1)]})).await
+        })
     };
     eventually("the first batch waits for the row", || async { lock_waiters(&app).await > 0 }).await;
     let rest: Vec<_> = buyers[1..]
@@ -219,7 +222,7 @@ async fn one_failing_order_never_fails_its_batch() {
         .map(|user| {
             let (app, user) = (app.clone(), *user);
             tokio::spawn(async move {
-                app.post("/api/v1/orders", json!({"userId": user, "items": [line(option, 1)]})).await
+                app.post_as(user, "/api/v1/orders", json!({"userId": user, "items": [line(option, 1)]})).await
             })
         })
         .collect();
@@ -268,7 +271,7 @@ async fn thousand_payments_add_up(store: Store, batch: u32) {
             let (app, barrier, order, user) = (app.clone(), barrier.clone(), *order, *user);
             tokio::spawn(async move {
                 barrier.wait().await;
-                app.post(&format!("/api/v1/orders/{order}/payment"), json!({"userId": user})).await
+                app.post_as(user, &format!("/api/v1/orders/{order}/payment"), json!({"userId": user})).await
             })
         })
         .collect();

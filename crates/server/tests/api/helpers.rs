@@ -9,11 +9,19 @@ use actix_web::dev::ServerHandle;
 use reqwest::header::HeaderMap;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use serde_json::{Value, json};
-use shop_domain::ports::ShiftedClock;
+use shop_auth::{AuthSecret, JwtTokens};
+use shop_domain::ports::{Clock, ShiftedClock, Tokens};
 use shop_domain::services::{IdempotencyService, OrderService};
 use shop_server::{Application, Settings, StockStrategyName};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// What every test deployment signs its access tokens with.
+pub const AUTH_SECRET: &str = "test-auth-secret-of-at-least-thirty-two-bytes";
+
+/// The password of every user a test signs up through the API.
+pub fn password_of(name: &str) -> String {
+    format!("password of {name}")
+}
 
 /// Which store a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,12 +96,16 @@ fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".into())
 }
 
-/// Settings every test starts from: few workers and connections, the admin API on, no demo data.
+/// Settings every test starts from: few workers and connections, the admin API on, no demo data, and the
+/// cheapest password hashing Argon2 allows (production keeps OWASP's minimum; hashing cost is not under test).
 pub fn base_settings(database_url: String) -> Settings {
     Settings {
         http_addr: "127.0.0.1:0".parse().expect("address"),
         database_url,
         admin_token: Some(ADMIN_TOKEN.into()),
+        auth_secret: Some(AUTH_SECRET.into()),
+        password_hash_memory_kib: 8,
+        password_hash_iterations: 1,
         http_workers: Some(2),
         db_max_connections: 8,
         seed_demo: false,
@@ -197,6 +209,38 @@ impl TestApp {
         self.send(self.client.get(self.url(path))).await
     }
 
+    /// A valid access token of `user`, signed as the application signs them, valid from the application's now.
+    pub fn token(&self, user: i64) -> String {
+        let tokens = JwtTokens::new(
+            &AuthSecret::new(AUTH_SECRET.as_bytes().to_vec()).expect("secret"),
+            self.settings.access_token_ttl,
+        );
+        let user = shop_domain::ids::UserId::new(user).expect("a user id");
+        tokens.access_token(user, self.clock.now()).expect("a token").token
+    }
+
+    /// Sends `req` as `user` (with their bearer token).
+    pub async fn send_as(&self, user: i64, req: reqwest::RequestBuilder) -> Resp {
+        self.send(req.bearer_auth(self.token(user))).await
+    }
+
+    pub async fn get_as(&self, user: i64, path: &str) -> Resp {
+        self.send_as(user, self.client.get(self.url(path))).await
+    }
+
+    pub async fn post_as(&self, user: i64, path: &str, body: Value) -> Resp {
+        self.send_as(user, self.client.post(self.url(path)).json(&body)).await
+    }
+
+    pub async fn delete_as(&self, user: i64, path: &str) -> Resp {
+        self.send_as(user, self.client.delete(self.url(path))).await
+    }
+
+    /// Signs `name` in through the API: the session's body.
+    pub async fn sign_in(&self, name: &str) -> Resp {
+        self.post("/api/v1/auth/token", serde_json::json!({ "name": name, "password": password_of(name) })).await
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> Resp {
         self.send(self.client.post(self.url(path)).json(&body)).await
     }
@@ -217,11 +261,14 @@ impl TestApp {
         self.send(self.client.put(self.url(path)).bearer_auth(ADMIN_TOKEN).json(&body)).await
     }
 
-    /// Creates a user through the API and returns its id.
+    /// Signs a user up through the API (password [`password_of`] its name), signs it in, and returns its id.
     pub async fn user(&self, name: &str) -> i64 {
-        let r = self.post("/api/v1/users", serde_json::json!({ "name": name })).await;
+        let r = self.post("/api/v1/users", serde_json::json!({ "name": name, "password": password_of(name) })).await;
         assert_eq!(r.status, 201, "{r:?}");
-        r.body["id"].as_i64().expect("id")
+        let id = r.body["id"].as_i64().expect("id");
+        let session = self.sign_in(name).await;
+        assert_eq!((session.status, session.body["userId"].as_i64()), (200, Some(id)), "{session:?}");
+        id
     }
 
     /// Creates `n` users with `balance` each in one statement (a race needs many buyers fast); their ids.
@@ -327,9 +374,10 @@ pub async fn race(apps: &[Arc<TestApp>], buyers: &[i64], items: impl Fn(usize) -
         .map(|(i, user)| {
             let (app, barrier) = (apps[i % apps.len()].clone(), barrier.clone());
             let body = serde_json::json!({"userId": user, "items": items(i)});
+            let request = app.client.post(app.url("/api/v1/orders")).bearer_auth(app.token(*user)).json(&body);
             tokio::spawn(async move {
                 barrier.wait().await;
-                app.post("/api/v1/orders", body).await
+                app.send(request).await
             })
         })
         .collect();

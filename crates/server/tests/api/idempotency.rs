@@ -20,8 +20,9 @@ on_both_stores!(
     two_instances_racing_one_key_make_one_effect,
 );
 
-async fn keyed(app: &TestApp, path: &str, key: &str, body: Value) -> Resp {
-    app.send(app.client.post(app.url(path)).header("Idempotency-Key", key).json(&body)).await
+/// `user` sends `body` to `path` with an Idempotency-Key.
+async fn keyed(app: &TestApp, user: i64, path: &str, key: &str, body: Value) -> Resp {
+    app.send_as(user, app.client.post(app.url(path)).header("Idempotency-Key", key).json(&body)).await
 }
 
 fn replayed(r: &Resp) -> bool {
@@ -29,7 +30,7 @@ fn replayed(r: &Resp) -> bool {
 }
 
 async fn balance(app: &TestApp, user: i64) -> i64 {
-    app.get(&format!("/api/v1/users/{user}/balance")).await.body["balance"].as_i64().unwrap()
+    app.get_as(user, &format!("/api/v1/users/{user}/balance")).await.body["balance"].as_i64().unwrap()
 }
 
 async fn ten_concurrent_charges_with_one_key_move_the_balance_once(app: TestApp) {
@@ -41,7 +42,8 @@ async fn ten_concurrent_charges_with_one_key_move_the_balance_once(app: TestApp)
             let (app, barrier) = (app.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                keyed(&app, &format!("/api/v1/users/{user}/balance/charge"), "charge-1", json!({"amount": 5000})).await
+                keyed(&app, user, &format!("/api/v1/users/{user}/balance/charge"), "charge-1", json!({"amount": 5000}))
+                    .await
             })
         })
         .collect();
@@ -59,7 +61,8 @@ async fn ten_concurrent_charges_with_one_key_move_the_balance_once(app: TestApp)
         }
     }
     assert_eq!(balance(&app, user).await, 5000, "the balance moved once");
-    let again = keyed(&app, &format!("/api/v1/users/{user}/balance/charge"), "charge-1", json!({"amount": 5000})).await;
+    let again =
+        keyed(&app, user, &format!("/api/v1/users/{user}/balance/charge"), "charge-1", json!({"amount": 5000})).await;
     assert!(replayed(&again) && again.status == 200 && again.body["balance"] == 5000, "{again:?}");
 }
 
@@ -68,7 +71,7 @@ async fn an_order_retried_with_its_key_returns_the_same_order_and_takes_stock_on
     let p = app.product("shirt", &[("S", 1000, 5)]).await;
     let option = p["options"][0]["id"].as_i64().unwrap();
     let body = json!({"userId": user, "items": [{"productOptionId": option, "quantity": 2}]});
-    let first = keyed(&app, "/api/v1/orders", "order-abc", body.clone()).await;
+    let first = keyed(&app, user, "/api/v1/orders", "order-abc", body.clone()).await;
     assert_eq!((first.status, replayed(&first)), (201, false), "{first:?}");
     // The response was recorded with the order, in its transaction.
     let recorded = app
@@ -80,7 +83,8 @@ async fn an_order_retried_with_its_key_returns_the_same_order_and_takes_stock_on
         .replace("OPTION", &option.to_string())
         .replace("USER", &user.to_string());
     let retry = app
-        .send(
+        .send_as(
+            user,
             app.client
                 .post(app.url("/api/v1/orders"))
                 .header("Idempotency-Key", "order-abc")
@@ -101,15 +105,15 @@ async fn an_order_retried_with_its_key_returns_the_same_order_and_takes_stock_on
 async fn the_same_key_with_another_body_is_refused_and_changes_nothing(app: TestApp) {
     let user = app.user("kim").await;
     let path = format!("/api/v1/users/{user}/balance/charge");
-    assert_eq!(keyed(&app, &path, "k1", json!({"amount": 100})).await.status, 200);
-    keyed(&app, &path, "k1", json!({"amount": 200})).await.problem(422, "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(keyed(&app, user, &path, "k1", json!({"amount": 100})).await.status, 200);
+    keyed(&app, user, &path, "k1", json!({"amount": 200})).await.problem(422, "IDEMPOTENCY_KEY_REUSED");
     assert_eq!(balance(&app, user).await, 100);
     // The key is bound to its route too.
     let other = app.user("lee").await;
     let _ = other;
     let p = app.product("x", &[("S", 1, 5)]).await;
     let order = json!({"userId": user, "items": [{"productOptionId": p["options"][0]["id"], "quantity": 1}]});
-    keyed(&app, "/api/v1/orders", "k1", order).await.problem(422, "IDEMPOTENCY_KEY_REUSED");
+    keyed(&app, user, "/api/v1/orders", "k1", order).await.problem(422, "IDEMPOTENCY_KEY_REUSED");
     assert_eq!(app.scalar("SELECT COUNT(*) FROM orders").await, 0);
 }
 
@@ -118,9 +122,9 @@ async fn a_refusal_is_replayed_too(app: TestApp) {
     let p = app.product("x", &[("S", 1, 1)]).await;
     let option = p["options"][0]["id"].as_i64().unwrap();
     let body = json!({"userId": user, "items": [{"productOptionId": option, "quantity": 2}]});
-    keyed(&app, "/api/v1/orders", "oos", body.clone()).await.problem(409, "OUT_OF_STOCK");
+    keyed(&app, user, "/api/v1/orders", "oos", body.clone()).await.problem(409, "OUT_OF_STOCK");
     app.admin_put(&format!("/api/v1/admin/product-options/{option}/stock"), json!({"stock": 10})).await;
-    let retry = keyed(&app, "/api/v1/orders", "oos", body).await;
+    let retry = keyed(&app, user, "/api/v1/orders", "oos", body).await;
     retry.problem(409, "OUT_OF_STOCK");
     assert!(replayed(&retry), "the first answer, not a new attempt: {retry:?}");
     assert_eq!(app.scalar("SELECT COUNT(*) FROM orders").await, 0);
@@ -130,26 +134,27 @@ async fn a_payment_retried_with_its_key_spends_once(app: TestApp) {
     let user = app.users(1, 10_000).await[0];
     let p = app.product("x", &[("S", 3000, 5)]).await;
     let placed = app
-        .post(
+        .post_as(
+            user,
             "/api/v1/orders",
             json!({"userId": user, "items": [{"productOptionId": p["options"][0]["id"], "quantity": 1}]}),
         )
         .await;
     let path = format!("/api/v1/orders/{}/payment", placed.body["id"]);
-    let first = keyed(&app, &path, "pay-1", json!({"userId": user})).await;
+    let first = keyed(&app, user, &path, "pay-1", json!({"userId": user})).await;
     assert_eq!((first.status, first.body["status"].as_str()), (200, Some("COMPLETED")), "{first:?}");
-    let retry = keyed(&app, &path, "pay-1", json!({"userId": user})).await;
+    let retry = keyed(&app, user, &path, "pay-1", json!({"userId": user})).await;
     assert_eq!((retry.status, replayed(&retry)), (200, true), "a retry is the same success, not 409: {retry:?}");
     assert_eq!(retry.body, first.body);
     assert_eq!(balance(&app, user).await, 7000, "spent once");
     // Without the key, a second payment is the contract's 409.
-    app.post(&path, json!({"userId": user})).await.problem(409, "ORDER_NOT_PAYABLE");
+    app.post_as(user, &path, json!({"userId": user})).await.problem(409, "ORDER_NOT_PAYABLE");
 }
 
 async fn keys_are_per_user_and_expired_keys_act_anew(app: TestApp) {
     let (kim, lee) = (app.user("kim").await, app.user("lee").await);
     let charge = async |user: i64| {
-        keyed(&app, &format!("/api/v1/users/{user}/balance/charge"), "shared", json!({"amount": 10})).await
+        keyed(&app, user, &format!("/api/v1/users/{user}/balance/charge"), "shared", json!({"amount": 10})).await
     };
     let r = charge(kim).await;
     assert_eq!((r.status, replayed(&r)), (200, false));
@@ -174,9 +179,9 @@ async fn keys_are_per_user_and_expired_keys_act_anew(app: TestApp) {
 async fn a_malformed_key_is_a_validation_problem(app: TestApp) {
     let user = app.user("kim").await;
     let path = format!("/api/v1/users/{user}/balance/charge");
-    keyed(&app, &path, &"k".repeat(256), json!({"amount": 1})).await.invalid("Idempotency-Key");
-    keyed(&app, &path, "", json!({"amount": 1})).await.invalid("Idempotency-Key");
-    assert_eq!(keyed(&app, &path, &"k".repeat(255), json!({"amount": 1})).await.status, 200);
+    keyed(&app, user, &path, &"k".repeat(256), json!({"amount": 1})).await.invalid("Idempotency-Key");
+    keyed(&app, user, &path, "", json!({"amount": 1})).await.invalid("Idempotency-Key");
+    assert_eq!(keyed(&app, user, &path, &"k".repeat(255), json!({"amount": 1})).await.status, 200);
     assert_eq!(balance(&app, user).await, 1);
 }
 
@@ -194,7 +199,7 @@ async fn two_instances_racing_one_key_make_one_effect(app: TestApp) {
                 (if i % 2 == 0 { first.clone() } else { second.clone() }, barrier.clone(), body.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                keyed(&instance, "/api/v1/orders", "one-order", body).await
+                keyed(&instance, user, "/api/v1/orders", "one-order", body).await
             })
         })
         .collect();

@@ -92,7 +92,7 @@ fn line(option: i64, quantity: i64) -> Value {
 }
 
 async fn order(app: &TestApp, user: i64, option: i64) -> Resp {
-    app.post("/api/v1/orders", json!({"userId": user, "items": [line(option, 1)]})).await
+    app.post_as(user, "/api/v1/orders", json!({"userId": user, "items": [line(option, 1)]})).await
 }
 
 fn option_of(product: &Value) -> i64 {
@@ -201,12 +201,14 @@ async fn a_flash_sale_beside_the_catalogue_keeps_every_option_right(strategy: S)
         .map(|(i, user)| {
             let option = if i % 3 == 0 { hot } else { cold[i % 50] };
             let (app, barrier, user, client) = (app.clone(), barrier.clone(), *user, client.clone());
+            // Signed in before the release.
+            let token = app.token(user);
             tokio::spawn(async move {
                 assert_eq!(app.send(client.get(app.url("/health/live"))).await.status, 200);
                 barrier.wait().await;
                 let started = Instant::now();
                 let body = json!({"userId": user, "items": [line(option, 1)]});
-                let r = app.send(client.post(app.url("/api/v1/orders")).json(&body)).await;
+                let r = app.send(client.post(app.url("/api/v1/orders")).bearer_auth(token).json(&body)).await;
                 (option, r, started.elapsed())
             })
         })
@@ -325,8 +327,12 @@ async fn a_client_that_hangs_up_while_queued_leaves_no_order(batch: u32) {
     };
     // Its own client, so that closing its connection closes nothing else.
     let impatient = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
-    let gave_up =
-        impatient.post(app.url("/api/v1/orders")).json(&json!({"userId": leaves, "items": [line(a, 1)]})).send().await;
+    let gave_up = impatient
+        .post(app.url("/api/v1/orders"))
+        .bearer_auth(app.token(leaves))
+        .json(&json!({"items": [line(a, 1)]}))
+        .send()
+        .await;
     assert!(gave_up.is_err_and(|e| e.is_timeout()), "the impatient client gave up waiting");
     drop(impatient);
     block.release().await;

@@ -3,6 +3,7 @@
 //! per test, driven through real HTTP. One binary, so it links once.
 
 mod admin;
+mod auth;
 mod cart;
 mod combining;
 mod fencing;

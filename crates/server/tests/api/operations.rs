@@ -23,8 +23,8 @@ async fn metrics_count_placed_and_early_refused_orders() {
     let user = app.user("kim").await;
     let option = app.product("x", &[("S", 1, 1)]).await["options"][0]["id"].as_i64().unwrap();
     let order = json!({"userId": user, "items": [{"productOptionId": option, "quantity": 1}]});
-    assert_eq!(app.post("/api/v1/orders", order.clone()).await.status, 201);
-    assert_eq!(app.post("/api/v1/orders", order).await.status, 409);
+    assert_eq!(app.post_as(user, "/api/v1/orders", order.clone()).await.status, 201);
+    assert_eq!(app.post_as(user, "/api/v1/orders", order).await.status, 409);
     let metrics = app.get("/metrics").await;
     assert_eq!(metrics.status, 200);
     let text = metrics.body.as_str().unwrap();
@@ -58,7 +58,7 @@ async fn wrong_method_and_oversized_bodies_are_problems() {
     let app = app().await;
     app.delete("/api/v1/products").await.problem(404, "NOT_FOUND");
     let huge = "x".repeat(100 * 1024);
-    let r = app.post("/api/v1/users", json!({ "name": huge })).await;
+    let r = app.post("/api/v1/users", json!({ "name": huge, "password": "correct horse" })).await;
     r.problem(413, "PAYLOAD_TOO_LARGE");
 }
 
@@ -77,6 +77,10 @@ async fn served_openapi_document_is_the_checked_in_one() {
     );
     for route in [
         "/api/v1/users",
+        "/api/v1/me",
+        "/api/v1/auth/token",
+        "/api/v1/auth/refresh",
+        "/api/v1/auth/logout",
         "/api/v1/users/{userId}/balance",
         "/api/v1/users/{userId}/balance/charge",
         "/api/v1/products",
@@ -115,8 +119,52 @@ async fn every_documented_response_has_a_description() {
                 .filter(|s| s.starts_with('4') || s.starts_with('5'))
                 .collect();
             for status in errors {
-                let content = &op["responses"][status]["content"]["application/problem+json"];
+                let response = &op["responses"][status];
+                let content = &response["content"]["application/problem+json"];
                 assert!(content.is_object(), "{method} {path} {status} is a problem document");
+                // Each documented error shows its own status and code, not one shared example.
+                let examples =
+                    content["examples"].as_object().unwrap_or_else(|| panic!("{method} {path} {status}: examples"));
+                assert!(!examples.is_empty(), "{method} {path} {status} shows an example");
+                for (code, example) in examples {
+                    assert_eq!(example["value"]["code"], code.as_str());
+                    assert_eq!(example["value"]["status"].to_string(), *status, "{method} {path}: {code}");
+                    let description = response["description"].as_str().unwrap();
+                    assert!(description.contains(code.as_str()), "{method} {path} {status}: {code} is documented");
+                }
+            }
+        }
+    }
+}
+
+/// The bearer scheme is declared on exactly the routes that need a user's token; the admin routes keep theirs.
+#[tokio::test]
+async fn the_bearer_scheme_is_declared_on_exactly_the_user_scoped_routes() {
+    let json = serde_json::to_value(shop_http::openapi()).unwrap();
+    assert_eq!(json["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert_eq!(json["components"]["securitySchemes"]["bearer"]["bearerFormat"], "JWT");
+    let user_scoped = [
+        ("get", "/api/v1/me"),
+        ("get", "/api/v1/users/{userId}/balance"),
+        ("post", "/api/v1/users/{userId}/balance/charge"),
+        ("get", "/api/v1/users/{userId}/cart"),
+        ("post", "/api/v1/users/{userId}/cart/items"),
+        ("delete", "/api/v1/users/{userId}/cart/items/{cartItemId}"),
+        ("get", "/api/v1/users/{userId}/orders"),
+        ("post", "/api/v1/orders"),
+        ("get", "/api/v1/orders/{orderId}"),
+        ("post", "/api/v1/orders/{orderId}/payment"),
+    ];
+    for (path, item) in json["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let schemes: Vec<String> = op["security"]
+                .as_array()
+                .map(|s| s.iter().flat_map(|r| r.as_object().unwrap().keys().cloned()).collect())
+                .unwrap_or_default();
+            let wants_bearer = user_scoped.contains(&(method.as_str(), path.as_str()));
+            assert_eq!(schemes.contains(&"bearer".to_owned()), wants_bearer, "{method} {path}: {schemes:?}");
+            if path.starts_with("/api/v1/admin") {
+                assert_eq!(schemes, vec!["admin_token".to_owned()], "{method} {path}");
             }
         }
     }
@@ -148,5 +196,6 @@ async fn instances_started_together_over_one_fresh_database_all_come_up() {
         assert_eq!(app.get("/health/ready").await.status, 200);
     }
     let user = cluster[0].user("kim").await;
-    assert_eq!(cluster[2].get(&format!("/api/v1/users/{user}/balance")).await.status, 200, "one shared database");
+    let balance = cluster[2].get_as(user, &format!("/api/v1/users/{user}/balance")).await;
+    assert_eq!(balance.status, 200, "one shared database, one signing secret: {balance:?}");
 }

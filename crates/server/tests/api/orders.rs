@@ -32,7 +32,7 @@ async fn option_stock(app: &TestApp, option: i64) -> i64 {
 }
 
 async fn order(app: &TestApp, user: i64, items: Value) -> Resp {
-    app.post("/api/v1/orders", json!({ "userId": user, "items": items })).await
+    app.post_as(user, "/api/v1/orders", json!({ "userId": user, "items": items })).await
 }
 
 /// A product with one option of `stock` units at 1,000 won; the option's id.
@@ -131,7 +131,12 @@ async fn placing_an_order(app: TestApp) {
     let p = app.product("shirt", &[("S", 19_000, 5), ("M", 21_000, 5)]).await;
     let (s, m) = (p["options"][0]["id"].as_i64().unwrap(), p["options"][1]["id"].as_i64().unwrap());
     for option in [s, m] {
-        app.post(&format!("/api/v1/users/{user}/cart/items"), json!({"productOptionId": option, "quantity": 1})).await;
+        app.post_as(
+            user,
+            &format!("/api/v1/users/{user}/cart/items"),
+            json!({"productOptionId": option, "quantity": 1}),
+        )
+        .await;
     }
     let r =
         order(&app, user, json!([{"productOptionId": m, "quantity": 1}, {"productOptionId": m, "quantity": 1}])).await;
@@ -153,7 +158,7 @@ async fn placing_an_order(app: TestApp) {
     );
     assert!(payment["paidAt"].is_null());
     assert_eq!(option_stock(&app, m).await, 3);
-    let cart = app.get(&format!("/api/v1/users/{user}/cart")).await;
+    let cart = app.get_as(user, &format!("/api/v1/users/{user}/cart")).await;
     let left: Vec<i64> =
         cart.body["items"].as_array().unwrap().iter().map(|i| i["productOptionId"].as_i64().unwrap()).collect();
     assert_eq!(left, vec![s], "the ordered option left the cart, the other stayed");
@@ -170,6 +175,7 @@ async fn order_errors_change_nothing(app: TestApp) {
         .await;
     let off = off.body["options"][0]["id"].as_i64().unwrap();
     let line = |o: i64, q: i64| json!({"productOptionId": o, "quantity": q});
+    // A valid token of a user that no longer exists.
     order(&app, 999_999, json!([line(option, 1)])).await.problem(404, "USER_NOT_FOUND");
     order(&app, user, json!([line(option, 1), line(888_888, 1)])).await.problem(404, "PRODUCT_OPTION_NOT_FOUND");
     order(&app, user, json!([line(off, 1)])).await.problem(409, "PRODUCT_NOT_ON_SALE");
@@ -183,8 +189,13 @@ async fn order_errors_change_nothing(app: TestApp) {
     order(&app, user, json!([line(option, 1001)])).await.invalid("items[0].quantity");
     order(&app, user, json!([line(option, 600), line(option, 401)])).await.invalid("items");
     order(&app, user, json!([line(0, 1)])).await.invalid("items[0].productOptionId");
-    app.post("/api/v1/orders", json!({"items": [line(option, 1)]})).await.invalid("body");
-    app.post("/api/v1/orders", json!({"userId": "kim", "items": [line(option, 1)]})).await.invalid("userId");
+    app.post_as(user, "/api/v1/orders", json!({"userId": "kim", "items": [line(option, 1)]})).await.invalid("userId");
+    app.post_as(user, "/api/v1/orders", json!({"userId": user})).await.invalid("body");
+    let lee = app.user("lee").await;
+    app.post_as(user, "/api/v1/orders", json!({"userId": lee, "items": [line(option, 1)]}))
+        .await
+        .problem(403, "FORBIDDEN");
+    app.post("/api/v1/orders", json!({"userId": user, "items": [line(option, 1)]})).await.problem(401, "UNAUTHORIZED");
     assert_eq!(option_stock(&app, option).await, 2, "no refused order took stock");
     assert_eq!(app.scalar("SELECT COUNT(*) FROM orders").await, 0);
     assert_eq!(app.scalar("SELECT COUNT(*) FROM payments").await, 0);
@@ -200,19 +211,20 @@ async fn reading_and_listing_orders(app: TestApp) {
             order(&app, user, json!([{"productOptionId": option, "quantity": 1}])).await.body["id"].as_i64().unwrap(),
         );
     }
-    let one = app.get(&format!("/api/v1/orders/{}", ids[0])).await;
+    let one = app.get_as(user, &format!("/api/v1/orders/{}", ids[0])).await;
     assert_eq!((one.status, one.body["id"].as_i64()), (200, Some(ids[0])));
     assert_eq!(one.body["items"][0]["quantity"], 1);
-    app.get("/api/v1/orders/424242").await.problem(404, "ORDER_NOT_FOUND");
-    app.get("/api/v1/orders/x").await.invalid("orderId");
-    let page = app.get(&format!("/api/v1/users/{user}/orders?page=1&size=2")).await;
+    app.get_as(other, &format!("/api/v1/orders/{}", ids[0])).await.problem(404, "ORDER_NOT_FOUND");
+    app.get_as(user, "/api/v1/orders/424242").await.problem(404, "ORDER_NOT_FOUND");
+    app.get_as(user, "/api/v1/orders/x").await.invalid("orderId");
+    let page = app.get_as(user, &format!("/api/v1/users/{user}/orders?page=1&size=2")).await;
     assert_eq!(page.status, 200, "{page:?}");
     let listed: Vec<i64> = page.body["items"].as_array().unwrap().iter().map(|o| o["id"].as_i64().unwrap()).collect();
     assert_eq!(listed, vec![ids[2], ids[1]], "newest first");
     assert_eq!(page.body["total"], 3);
-    assert_eq!(app.get(&format!("/api/v1/users/{other}/orders")).await.body["total"], 0);
-    app.get("/api/v1/users/999999/orders").await.problem(404, "USER_NOT_FOUND");
-    app.get(&format!("/api/v1/users/{user}/orders?size=0")).await.invalid("size");
+    assert_eq!(app.get_as(other, &format!("/api/v1/users/{other}/orders")).await.body["total"], 0);
+    app.get_as(999_999, "/api/v1/users/999999/orders").await.problem(404, "USER_NOT_FOUND");
+    app.get_as(user, &format!("/api/v1/users/{user}/orders?size=0")).await.invalid("size");
 }
 
 async fn paying_an_order(app: TestApp) {
@@ -223,8 +235,9 @@ async fn paying_an_order(app: TestApp) {
     let placed = order(&app, user, json!([{"productOptionId": option, "quantity": 2}])).await;
     let id = placed.body["id"].as_i64().unwrap();
     let path = format!("/api/v1/orders/{id}/payment");
-    let pay = |who: i64| app.post(&path, json!({"userId": who}));
+    let pay = |who: i64| app.post_as(who, &path, json!({"userId": who}));
     pay(other).await.problem(404, "ORDER_NOT_FOUND");
+    app.post_as(other, &path, json!({"userId": user})).await.problem(403, "FORBIDDEN");
     let paid = pay(user).await;
     assert_eq!(paid.status, 200, "{paid:?}");
     assert_eq!(
@@ -232,15 +245,17 @@ async fn paying_an_order(app: TestApp) {
         (Some("COMPLETED"), Some(38_000), Some(id))
     );
     assert!(paid.body["paidAt"].is_string());
-    assert_eq!(app.get(&format!("/api/v1/users/{user}/balance")).await.body["balance"], 12_000);
-    let after = app.get(&format!("/api/v1/orders/{id}")).await;
+    assert_eq!(app.get_as(user, &format!("/api/v1/users/{user}/balance")).await.body["balance"], 12_000);
+    let after = app.get_as(user, &format!("/api/v1/orders/{id}")).await;
     assert_eq!(
         (after.body["status"].as_str(), after.body["payment"]["status"].as_str()),
         (Some("PAID"), Some("COMPLETED"))
     );
     pay(user).await.problem(409, "ORDER_NOT_PAYABLE");
-    app.post("/api/v1/orders/999999/payment", json!({"userId": user})).await.problem(404, "ORDER_NOT_FOUND");
-    app.post(&format!("/api/v1/orders/{id}/payment"), json!({})).await.invalid("body");
+    // The body may be left out: the caller pays.
+    app.send_as(user, app.client.post(app.url(&path))).await.problem(409, "ORDER_NOT_PAYABLE");
+    app.post_as(user, "/api/v1/orders/999999/payment", json!({"userId": user})).await.problem(404, "ORDER_NOT_FOUND");
+    app.post_as(user, &path, json!({"userId": "x"})).await.invalid("userId");
     // The sale counts towards today's best sellers.
     let popular = app.get("/api/v1/products/popular").await;
     assert_eq!(popular.body["items"][0]["productId"], p["id"]);
@@ -259,7 +274,7 @@ async fn ten_concurrent_payments_spend_once(app: TestApp) {
             let (app, barrier) = (app.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                app.post(&format!("/api/v1/orders/{id}/payment"), json!({"userId": user})).await
+                app.post_as(user, &format!("/api/v1/orders/{id}/payment"), json!({"userId": user})).await
             })
         })
         .collect();
@@ -270,7 +285,7 @@ async fn ten_concurrent_payments_spend_once(app: TestApp) {
     assert_eq!(count(&answers, 200), 1, "{answers:?}");
     assert_eq!(count(&answers, 409), 9, "{answers:?}");
     assert!(answers.iter().filter(|r| r.status == 409).all(|r| r.body["code"] == "ORDER_NOT_PAYABLE"));
-    assert_eq!(app.get(&format!("/api/v1/users/{user}/balance")).await.body["balance"], 97_000, "spent once");
+    assert_eq!(app.get_as(user, &format!("/api/v1/users/{user}/balance")).await.body["balance"], 97_000, "spent once");
     assert_eq!(app.scalar("SELECT CAST(SUM(total_sold) AS BIGINT) FROM daily_popular_products").await, 3, "sold once");
 }
 
@@ -279,17 +294,23 @@ async fn a_payment_short_of_balance_cancels_and_gives_stock_back(app: TestApp) {
     let option = hot_option(&app, 5).await;
     let id = order(&app, user, json!([{"productOptionId": option, "quantity": 2}])).await.body["id"].as_i64().unwrap();
     assert_eq!(option_stock(&app, option).await, 3);
-    let r = app.post(&format!("/api/v1/orders/{id}/payment"), json!({"userId": user})).await;
+    let r = app.post_as(user, &format!("/api/v1/orders/{id}/payment"), json!({"userId": user})).await;
     r.problem(402, "INSUFFICIENT_BALANCE");
-    let after = app.get(&format!("/api/v1/orders/{id}")).await;
+    let after = app.get_as(user, &format!("/api/v1/orders/{id}")).await;
     assert_eq!(
         (after.body["status"].as_str(), after.body["payment"]["status"].as_str()),
         (Some("CANCELLED"), Some("FAILED"))
     );
     assert_eq!(option_stock(&app, option).await, 5, "the stock came back");
-    assert_eq!(app.get(&format!("/api/v1/users/{user}/balance")).await.body["balance"], 1_500, "nothing spent");
+    assert_eq!(
+        app.get_as(user, &format!("/api/v1/users/{user}/balance")).await.body["balance"],
+        1_500,
+        "nothing spent"
+    );
     assert_eq!(app.scalar("SELECT COUNT(*) FROM daily_popular_products").await, 0, "nothing sold");
-    app.post(&format!("/api/v1/orders/{id}/payment"), json!({"userId": user})).await.problem(409, "ORDER_NOT_PAYABLE");
+    app.post_as(user, &format!("/api/v1/orders/{id}/payment"), json!({"userId": user}))
+        .await
+        .problem(409, "ORDER_NOT_PAYABLE");
 }
 
 async fn an_expired_order_gives_its_stock_back_once(app: TestApp) {
@@ -317,13 +338,13 @@ async fn an_expired_order_gives_its_stock_back_once(app: TestApp) {
     }
     assert_eq!(cancelled, 1, "one sweeper cancelled it, the others found nothing");
     assert_eq!(option_stock(&app, option).await, 9, "its 4 units came back, once");
-    let stale_now = app.get(&format!("/api/v1/orders/{stale}")).await;
+    let stale_now = app.get_as(user, &format!("/api/v1/orders/{stale}")).await;
     assert_eq!(
         (stale_now.body["status"].as_str(), stale_now.body["payment"]["status"].as_str()),
         (Some("CANCELLED"), Some("FAILED"))
     );
-    assert_eq!(app.get(&format!("/api/v1/orders/{fresh}")).await.body["status"], "PENDING_PAYMENT");
-    app.post(&format!("/api/v1/orders/{stale}/payment"), json!({"userId": user}))
+    assert_eq!(app.get_as(user, &format!("/api/v1/orders/{fresh}")).await.body["status"], "PENDING_PAYMENT");
+    app.post_as(user, &format!("/api/v1/orders/{stale}/payment"), json!({"userId": user}))
         .await
         .problem(409, "ORDER_NOT_PAYABLE");
 }

@@ -78,7 +78,11 @@ async fn soft_deleted_products_are_gone(app: TestApp) {
     assert_eq!(list.body["items"][0]["id"], kept["id"]);
     let user = app.user("kim").await;
     let r = app
-        .post(&format!("/api/v1/users/{user}/cart/items"), json!({"productOptionId": gone_option, "quantity": 1}))
+        .post_as(
+            user,
+            &format!("/api/v1/users/{user}/cart/items"),
+            json!({"productOptionId": gone_option, "quantity": 1}),
+        )
         .await;
     r.problem(404, "PRODUCT_OPTION_NOT_FOUND");
     app.admin_put(&format!("/api/v1/admin/product-options/{gone_option}/stock"), json!({"stock": 5}))

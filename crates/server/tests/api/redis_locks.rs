@@ -233,14 +233,14 @@ async fn a_lock_wait_that_runs_out_is_503_with_retry_after() {
     let key = option_lock_key(&app.settings.redis_key_prefix, ProductOptionId::new(option).unwrap());
     let mut held = blocker.lock(&key, tokio::time::Instant::now() + Duration::from_secs(5)).await.unwrap();
     let r = app
-        .post("/api/v1/orders", json!({"userId": user, "items": [{"productOptionId": option, "quantity": 1}]}))
+        .post_as(user, "/api/v1/orders", json!({"userId": user, "items": [{"productOptionId": option, "quantity": 1}]}))
         .await;
     r.problem(503, "LOCK_TIMEOUT");
     assert_eq!(r.headers.get("retry-after").unwrap(), "1");
     assert_eq!(app.stock_of(option).await, 5);
     held.release().await.unwrap();
     let r = app
-        .post("/api/v1/orders", json!({"userId": user, "items": [{"productOptionId": option, "quantity": 1}]}))
+        .post_as(user, "/api/v1/orders", json!({"userId": user, "items": [{"productOptionId": option, "quantity": 1}]}))
         .await;
     assert_eq!(r.status, 201, "{r:?}");
 }

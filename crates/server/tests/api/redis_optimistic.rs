@@ -67,8 +67,12 @@ async fn both(redis: &Client, app: &TestApp, option: i64) -> (Option<i64>, i64) 
 }
 
 async fn order(app: &TestApp, user: i64, option: i64, quantity: i64) -> Resp {
-    app.post("/api/v1/orders", json!({"userId": user, "items": [{"productOptionId": option, "quantity": quantity}]}))
-        .await
+    app.post_as(
+        user,
+        "/api/v1/orders",
+        json!({"userId": user, "items": [{"productOptionId": option, "quantity": quantity}]}),
+    )
+    .await
 }
 
 fn count(answers: &[Resp], status: u16) -> usize {
@@ -259,7 +263,7 @@ async fn admin_counts_expiry_and_failed_payments_move_the_mirror() {
     assert_eq!(placed.status, 201, "{placed:?}");
     assert_eq!(both(&redis, &app, option).await, (Some(8), 8));
     let id = placed.body["id"].as_i64().unwrap();
-    app.post(&format!("/api/v1/orders/{id}/payment"), json!({"userId": user}))
+    app.post_as(user, &format!("/api/v1/orders/{id}/payment"), json!({"userId": user}))
         .await
         .problem(402, "INSUFFICIENT_BALANCE");
     assert_eq!(both(&redis, &app, option).await, (Some(10), 10));

@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::lanes::{Full, Lanes};
+use crate::auth::PendingCaps;
 use crate::error::DomainError;
 use crate::idempotency::Recorder;
 use crate::ids::{OrderId, ProductOptionId, UserId};
@@ -164,6 +165,7 @@ pub(super) struct Core {
     pub(super) clock: Arc<dyn Clock>,
     pub(super) events: Arc<dyn EventPublisher>,
     pub(super) mirror: Arc<dyn StockMirror>,
+    pub(super) caps: PendingCaps,
 }
 
 impl Core {
@@ -223,6 +225,7 @@ impl OrderService {
             clock,
             events,
             mirror: Arc::new(NoStockMirror),
+            caps: PendingCaps::NONE,
         };
         Self { core: Arc::new(core), combining: Combining::OFF, placing: None, paying: None }
     }
@@ -233,6 +236,14 @@ impl OrderService {
     pub fn with_stock_mirror(self, mirror: Arc<dyn StockMirror>) -> Self {
         let mut core = (*self.core).clone();
         core.mirror = mirror;
+        Self { core: Arc::new(core), ..self }.with_lanes()
+    }
+
+    /// Caps what one user may hold in unpaid orders: an order past it is 409 `PENDING_LIMIT_EXCEEDED`.
+    #[must_use]
+    pub fn with_pending_caps(self, caps: PendingCaps) -> Self {
+        let mut core = (*self.core).clone();
+        core.caps = caps;
         Self { core: Arc::new(core), ..self }.with_lanes()
     }
 
@@ -294,8 +305,9 @@ impl OrderService {
     ///
     /// # Errors
     /// [`DomainError::UserNotFound`], [`DomainError::ProductOptionNotFound`], [`DomainError::ProductNotOnSale`],
-    /// [`DomainError::OutOfStock`], [`DomainError::LockTimeout`] (a lock wait, the optimistic retries or
-    /// the order's wait in its lane ran out), [`DomainError::Unavailable`] (its lane is full).
+    /// [`DomainError::OutOfStock`], [`DomainError::PendingLimitExceeded`], [`DomainError::LockTimeout`] (a lock
+    /// wait, the optimistic retries or the order's wait in its lane ran out), [`DomainError::Unavailable`] (its
+    /// lane is full).
     pub async fn place(
         &self,
         request: OrderRequest,
@@ -354,6 +366,14 @@ impl OrderService {
     /// [`DomainError::OrderNotFound`].
     pub async fn get(&self, id: OrderId) -> Result<Order, DomainError> {
         self.core.orders.find(id).await?.ok_or(DomainError::OrderNotFound(id))
+    }
+
+    /// One of `user`'s orders.
+    ///
+    /// # Errors
+    /// [`DomainError::OrderNotFound`], also for another user's order (as if it did not exist).
+    pub async fn get_for(&self, id: OrderId, user: UserId) -> Result<Order, DomainError> {
+        self.get(id).await.and_then(|o| if o.user_id == user { Ok(o) } else { Err(DomainError::OrderNotFound(id)) })
     }
 
     /// The user's orders, newest first.

@@ -22,13 +22,14 @@ use std::collections::BTreeMap;
 use tokio::time::Instant;
 
 use super::{Core, PlaceJob, bump, micros};
+use crate::auth::{Pending, PendingCaps};
 use crate::error::DomainError;
 use crate::idempotency::Recorder;
 use crate::ids::{ProductOptionId, UserId};
 use crate::money::Stock;
 use crate::order::{NewOrder, Order, OrderLine, OrderRequest};
 use crate::ports::stock::union_of;
-use crate::ports::{DomainEvent, StockPermit, StockTake};
+use crate::ports::{DomainEvent, OrderTx, StockPermit, StockTake};
 use crate::stock::allocate;
 
 /// What an order job asks.
@@ -103,6 +104,9 @@ impl Core {
                     order.job.answer(Err(refused));
                 }
             }
+        }
+        if admission.permit.is_held() && !admitted.is_empty() {
+            admitted = self.refuse_short_under_lock(admitted).await;
         }
         let acquire_us = micros(waited.elapsed());
         let committing = Instant::now();
@@ -180,6 +184,30 @@ impl Core {
         Ok(valid)
     }
 
+    /// Buyers who waited for the strategy's lock while the last units went learn it from one read under the
+    /// lock (exact now for a lock holder: stock only falls by a holder), not from a whole transaction.
+    async fn refuse_short_under_lock(&self, admitted: Vec<ValidOrder>) -> Vec<ValidOrder> {
+        let lines: Vec<&[OrderLine]> = admitted.iter().map(ValidOrder::lines).collect();
+        let ids: Vec<ProductOptionId> = union_of(&lines).iter().map(|l| l.option_id).collect();
+        let levels = match self.orders.stock_levels(&ids).await {
+            Ok(rows) => rows.into_iter().map(|r| (r.option_id, r.stock)).collect(),
+            // The transaction decides anyway; this read only spares it work.
+            Err(_) => return admitted,
+        };
+        let verdicts = allocate(&levels, lines.iter().copied()).verdicts;
+        let mut fit = Vec::with_capacity(admitted.len());
+        for (order, verdict) in admitted.into_iter().zip(verdicts) {
+            match verdict {
+                Err(short @ DomainError::OutOfStock { .. }) => {
+                    bump(&self.stats.refused_early, 1);
+                    order.job.answer(Err(short));
+                }
+                _ => fit.push(order),
+            }
+        }
+        fit
+    }
+
     /// The batch in one transaction; if that fails for any reason but a lost race, each order alone.
     async fn commit_isolating(&self, batch: &[ValidOrder], permit: &StockPermit) -> Vec<Result<Order, DomainError>> {
         match self.commit_retrying(batch, permit).await {
@@ -246,6 +274,12 @@ impl Core {
             return Ok(Committed::Done(settled(outcomes)));
         }
         let mut tx = self.uow.begin().await?;
+        if self.caps != PendingCaps::NONE {
+            candidates = self.within_caps(tx.as_mut(), batch, candidates, &mut outcomes).await?;
+            if candidates.is_empty() {
+                return Ok(Committed::Done(settled(outcomes)));
+            }
+        }
         // Every candidate is written before the stock is claimed, so that a claim that locks (pessimistic) holds
         // its rows only for the few statements after it; the orders the allocation refuses are then deleted.
         let news: Vec<NewOrder> =
@@ -321,6 +355,38 @@ impl Core {
         );
         bump(&self.stats.order_batches, 1);
         Ok(Committed::Done(settled(outcomes)))
+    }
+}
+
+impl Core {
+    /// The candidates whose users stay within the pending caps, in arrival order (an earlier order of a user
+    /// counts against their later ones); the rest are refused. The users' rows stay locked until the commit, so
+    /// no other batch can place an order for them in between.
+    async fn within_caps(
+        &self,
+        tx: &mut dyn OrderTx,
+        batch: &[ValidOrder],
+        candidates: Vec<usize>,
+        outcomes: &mut [Option<Result<Order, DomainError>>],
+    ) -> Result<Vec<usize>, DomainError> {
+        let mut users: Vec<UserId> = candidates.iter().map(|i| batch[*i].job.ask.request.user_id()).collect();
+        users.sort_unstable();
+        users.dedup();
+        let mut held: BTreeMap<UserId, Pending> = tx.hold_users(&users).await?.into_iter().collect();
+        let mut within = Vec::with_capacity(candidates.len());
+        for i in candidates {
+            let request = &batch[i].job.ask.request;
+            let units = request.lines().iter().map(|l| l.quantity.get()).sum();
+            let pending = held.entry(request.user_id()).or_default();
+            match pending.with_order(units, self.caps) {
+                Some(next) => {
+                    *pending = next;
+                    within.push(i);
+                }
+                None => outcomes[i] = Some(Err(DomainError::PendingLimitExceeded { user_id: request.user_id() })),
+            }
+        }
+        Ok(within)
     }
 }
 
@@ -630,6 +696,29 @@ mod tests {
         assert_eq!(stays.await.unwrap().unwrap().user_id, uid(2));
         assert_eq!(events.lock().unwrap().len(), 1);
         assert_eq!(core.stats.retries.load(Ordering::Relaxed), 0, "not a conflict");
+    }
+
+    #[tokio::test]
+    async fn orders_past_a_users_pending_caps_are_refused_in_arrival_order() {
+        // User 1 holds one unpaid order of one unit already; two orders and five units are the most one may hold.
+        let mut tx = batch_tx(10, 2, 4);
+        tx.expect_hold_users()
+            .withf(|ids| ids == [uid(1), uid(2), uid(3)])
+            .times(1)
+            .returning(|_| Ok(vec![(uid(1), Pending { orders: 1, units: 1 })]));
+        let (mut core, _) = core(vec![tx], Arc::new(ConditionalStock), catalogue(10), everyone());
+        core.caps = PendingCaps { orders: 2, units: 5 };
+        let (jobs, answers): (Vec<_>, Vec<_>) =
+            [job(1, &[(1, 1)]), job(1, &[(1, 1)]), job(2, &[(1, 6)]), job(3, &[(1, 3)])].into_iter().unzip();
+        core.place(jobs).await;
+        let mut outcomes = Vec::new();
+        for answer in answers {
+            outcomes.push(answer.await.unwrap());
+        }
+        assert!(outcomes[0].is_ok(), "a second order for user 1");
+        assert!(matches!(outcomes[1], Err(DomainError::PendingLimitExceeded { user_id }) if user_id == uid(1)));
+        assert!(matches!(outcomes[2], Err(DomainError::PendingLimitExceeded { user_id }) if user_id == uid(2)));
+        assert!(outcomes[3].is_ok());
     }
 
     #[tokio::test]
