@@ -32,7 +32,7 @@ mod scripts;
 pub mod spin;
 pub mod strategy;
 
-pub use lock::{DistributedLock, LockError, LockGuard};
+pub use lock::{DistributedLock, LockError, LockGuard, LockOptions};
 pub use optimistic::{OptimisticSettings, ReconcileReport, RedisOptimisticStock};
 pub use probe::RedisProbe;
 pub use pubsub::PubSubLock;

@@ -19,7 +19,9 @@ use shop_domain::money::Quantity;
 use shop_domain::order::OrderLine;
 use shop_domain::ports::{FencedWrite, MockTransaction, Probe};
 use shop_domain::stock::StockStrategy;
-use shop_redis::{DistributedLock, LockError, PubSubLock, RedisLockStock, Redlock, SpinLock, option_lock_key};
+use shop_redis::{
+    DistributedLock, LockError, LockOptions, PubSubLock, RedisLockStock, Redlock, SpinLock, option_lock_key,
+};
 
 /// The key namespace of these tests' stock locks.
 const PREFIX: &str = "shop-redis-test";
@@ -445,12 +447,12 @@ async fn a_pubsub_waiter_whose_release_message_is_lost_wakes_at_the_ttl() {
 }
 
 #[tokio::test]
-async fn pubsub_waiters_share_one_subscription_and_a_release_wakes_one() {
+async fn racing_pubsub_waiters_share_one_subscription_and_a_release_wakes_one() {
     if !redis_up() {
         return;
     }
     let lease = Duration::from_secs(10);
-    let lock = Arc::new(PubSubLock::connect(URL, lease).await.unwrap());
+    let lock = Arc::new(PubSubLock::connect_with(URL, lease, LockOptions::RACING).await.unwrap());
     let key = key("shared-subscription");
     let channel = format!("{{{key}}}:released");
     let mut holder = lock.lock(&key, within(Duration::from_secs(1))).await.unwrap();
