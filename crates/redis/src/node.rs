@@ -171,8 +171,12 @@ impl Drop for InQueue<'_> {
     }
 }
 
-/// The shortest pause between two polls of a waiter at the head of the queue: tokio's timer granularity.
+/// The shortest pause between two polls of a waiter near the head of the queue: tokio's timer granularity.
 const POLL_MIN: Duration = Duration::from_millis(1);
+
+/// Polls a waiter at the head makes back to back before it falls back to [`POLL_MIN`]: a short hold is handed over
+/// within a round trip or two instead of a timer tick, and a long hold costs Redis one poll a millisecond.
+const HEAD_SPINS: u32 = 8;
 
 /// When a queued waiter asks again.
 struct Pace {
@@ -181,11 +185,13 @@ struct Pace {
     last: Option<(usize, Instant)>,
     /// The measured time per grant (how long one place in the queue takes), once the queue has moved.
     per_grant: Option<Duration>,
+    /// Back-to-back polls made at the head so far.
+    head_spins: u32,
 }
 
 impl Pace {
     fn new(heartbeat: Duration) -> Self {
-        Self { heartbeat, last: None, per_grant: None }
+        Self { heartbeat, last: None, per_grant: None, head_spins: 0 }
     }
 
     /// A refresh between 3/4 and all of the heartbeat: waiters that queued together drift apart.
@@ -193,27 +199,37 @@ impl Pace {
         self.heartbeat.mul_f64(rand::rng().random_range(0.75..=1.0))
     }
 
-    /// The pause of a polling waiter at `position`: half the time its turn is expected to take, so polls thin out
-    /// far from the head and crowd in near it (a handful per turn), never longer than a heartbeat.
+    /// The pause of a polling waiter at `position`. The head polls back to back for a few polls, then, as the one
+    /// behind it does, as often as the timer allows: the lock is handed to the head at a release, and whoever is
+    /// next may already be the head by its next poll. Further back, a waiter sleeps half the time it is expected to take to be next, because oversleeping
+    /// stalls the whole queue (the lock waits, handed over, for it to look) while an early poll costs one round
+    /// trip; polls thin out far from the head, a few per turn, never more than a heartbeat apart.
     fn poll(&mut self, position: Option<usize>) -> Duration {
         let Some(position) = position else { return self.heartbeat() };
         let now = Instant::now();
-        if let Some((was, at)) = self.last {
-            let elapsed = now.saturating_duration_since(at);
-            self.per_grant = Some(match (was.checked_sub(position), self.per_grant) {
-                // Moved: the latest observation counts as much as everything before it.
-                (Some(moved), previous) if moved > 0 => {
-                    let observed = elapsed / u32::try_from(moved).unwrap_or(u32::MAX);
-                    previous.map_or(observed, |p| (p + observed) / 2)
-                }
-                // Did not move: the current holder has held at least this long.
-                (_, previous) => previous.map_or(elapsed, |p| p.max(elapsed)),
-            });
+        // Only movement is evidence: a queue that did not move between two polls may be waiting for a waiter that
+        // oversleeps its turn, and counting that as a slow queue would make everyone oversleep theirs.
+        if let Some((was, at)) = self.last
+            && let Some(moved) = was.checked_sub(position).filter(|&m| m > 0)
+        {
+            let observed = now.saturating_duration_since(at) / u32::try_from(moved).unwrap_or(u32::MAX);
+            // Optimistic: a faster queue is believed at once, a slower one by a quarter per poll, since a waiter
+            // that expects its turn late oversleeps it and stalls the queue, and the stall then looks like a slow
+            // queue to everyone behind.
+            self.per_grant =
+                Some(self.per_grant.map_or(observed, |p| if observed < p { observed } else { (p * 3 + observed) / 4 }));
         }
         self.last = Some((position, now));
-        let ahead = u32::try_from(position).unwrap_or(u32::MAX).saturating_add(1);
-        let expected = self.per_grant.unwrap_or(POLL_MIN).saturating_mul(ahead);
-        (expected / 2).mul_f64(rand::rng().random_range(0.8..=1.2)).clamp(POLL_MIN, self.heartbeat)
+        if position == 0 && self.head_spins < HEAD_SPINS {
+            self.head_spins += 1;
+            return Duration::ZERO;
+        }
+        if position <= 1 {
+            return POLL_MIN;
+        }
+        let until_next = u32::try_from(position - 1).unwrap_or(u32::MAX);
+        let expected = self.per_grant.unwrap_or(POLL_MIN).saturating_mul(until_next);
+        expected.mul_f64(rand::rng().random_range(0.4..=0.6)).clamp(POLL_MIN, self.heartbeat)
     }
 }
 
@@ -244,10 +260,16 @@ mod tests {
         let first = pace.poll(Some(50));
         tokio::time::advance(Duration::from_millis(20)).await;
         let far = pace.poll(Some(40));
-        assert!(far >= Duration::from_millis(30) && far <= Duration::from_millis(60), "{first:?} then {far:?}");
-        tokio::time::advance(Duration::from_millis(78)).await;
-        let near = pace.poll(Some(1));
-        assert!(near <= Duration::from_millis(3), "{near:?}");
+        // 39 places to go before being next, 2 ms each, slept 40-60% of.
+        assert!(far >= Duration::from_millis(31) && far <= Duration::from_millis(47), "{first:?} then {far:?}");
+        tokio::time::advance(Duration::from_millis(76)).await;
+        let third = pace.poll(Some(2));
+        assert!(third >= POLL_MIN && third <= Duration::from_millis(2), "one place to go: {third:?}");
+        assert_eq!(pace.poll(Some(1)), POLL_MIN, "the one behind the head polls as often as the timer allows");
+        for _ in 0..HEAD_SPINS {
+            assert_eq!(pace.poll(Some(0)), Duration::ZERO, "the head asks again at once, a few times");
+        }
+        assert_eq!(pace.poll(Some(0)), POLL_MIN);
         assert!(pace.poll(Some(100_000)) <= heartbeat, "never longer than a heartbeat");
     }
 }
