@@ -1147,3 +1147,53 @@ async fn fair_redlock_races_and_stays_exclusive_while_its_queue_node_is_down() {
     let seen = contend(&locks, &key("queue-node-down"), 100, Arc::default()).await;
     assert_exclusive(&seen, 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_stock_strategy_over_fair_locks_serves_overlapping_orders_of_two_instances() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(5);
+    for kind in fair_kinds() {
+        // Two instances, as the service runs them, each with its own fair lock client.
+        let stocks = [
+            Arc::new(RedisLockStock::new(
+                fair_dyn(kind, &servers.urls(), lease).await,
+                Duration::from_secs(30),
+                PREFIX,
+            )),
+            Arc::new(RedisLockStock::new(
+                fair_dyn(kind, &servers.urls(), lease).await,
+                Duration::from_secs(30),
+                PREFIX,
+            )),
+        ];
+        let ids = options(3);
+        let inside: Arc<Vec<AtomicUsize>> = Arc::new((0..3).map(|_| AtomicUsize::new(0)).collect());
+        let orders: Vec<_> = (0..120)
+            .map(|i| {
+                let (stock, inside) = (stocks[i % 2].clone(), inside.clone());
+                // Orders of one, two or three options, overlapping: every pair of options is contended.
+                let picked: Vec<usize> = (0..3).filter(|o| (i + o) % 3 != 0 || i % 4 == 0).collect();
+                let lines: Vec<OrderLine> = picked.iter().map(|&o| line(ids[o])).collect();
+                tokio::spawn(async move {
+                    let permit = stock.acquire(&lines).await.unwrap();
+                    for &o in &picked {
+                        assert_eq!(inside[o].fetch_add(1, Ordering::SeqCst), 0, "option {o} had two holders");
+                    }
+                    tokio::task::yield_now().await;
+                    for &o in &picked {
+                        inside[o].fetch_sub(1, Ordering::SeqCst);
+                    }
+                    drop(permit);
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        for order in orders {
+            order.await.unwrap();
+        }
+        eprintln!("fair {}: 120 overlapping orders over two instances in {:?}", kind.name(), started.elapsed());
+    }
+}
