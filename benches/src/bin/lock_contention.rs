@@ -270,15 +270,14 @@ async fn main() -> ExitCode {
                 for i in 0..cli.repeat {
                     match run(lock, fair, contenders, total, &cli, &nodes).await {
                         Ok(r) => {
+                            let (p50, p99, max) = (ms(r.wait(50.0)), ms(r.wait(99.0)), ms(r.wait(100.0)));
                             eprintln!(
-                                "{lock} {mode} {contenders} run {}: {:.0} grants/s, {} of {} changes, p50 {} p99 {} max {} ms, {} errors",
+                                "{lock} {mode} {contenders} run {}: {:.0} grants/s, {} of {} changes, \
+                                 wait p50 {p50} p99 {p99} max {max} ms, {} errors",
                                 i + 1,
                                 r.per_second(),
                                 r.changes,
                                 r.grants.saturating_sub(1),
-                                ms(r.wait(50.0)),
-                                ms(r.wait(99.0)),
-                                ms(r.wait(100.0)),
                                 r.errors
                             );
                             cell.runs.push(r);

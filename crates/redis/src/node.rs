@@ -128,7 +128,7 @@ pub(crate) async fn wait_in_queue(
         if left.is_zero() {
             queued.waiting = false;
             if let Err(e) = scripts::fair_leave(client, keys, token, timing).await {
-                tracing::warn!(key = %keys.lock, error = %e, "leaving a lock queue failed; the entry lapses with its liveness");
+                tracing::warn!(key = %keys.lock, error = %e, "leaving a lock queue failed; the entry lapses");
             }
             return Err(LockError::Timeout);
         }
@@ -201,9 +201,10 @@ impl Pace {
 
     /// The pause of a polling waiter at `position`. The head polls back to back for a few polls, then, as the one
     /// behind it does, as often as the timer allows: the lock is handed to the head at a release, and whoever is
-    /// next may already be the head by its next poll. Further back, a waiter sleeps half the time it is expected to take to be next, because oversleeping
-    /// stalls the whole queue (the lock waits, handed over, for it to look) while an early poll costs one round
-    /// trip; polls thin out far from the head, a few per turn, never more than a heartbeat apart.
+    /// next may already be the head by its next poll. Further back, a waiter sleeps half the time it expects to
+    /// take to be next, because oversleeping stalls the whole queue (the lock waits, handed over, for it to look)
+    /// while an early poll costs one round trip; polls thin out far from the head, a few per turn, never more than
+    /// a heartbeat apart.
     fn poll(&mut self, position: Option<usize>) -> Duration {
         let Some(position) = position else { return self.heartbeat() };
         let now = Instant::now();
