@@ -174,8 +174,9 @@ impl Drop for InQueue<'_> {
 /// The shortest pause between two polls of a waiter near the head of the queue: tokio's timer granularity.
 const POLL_MIN: Duration = Duration::from_millis(1);
 
-/// Polls a waiter at the head makes back to back before it falls back to [`POLL_MIN`]: a short hold is handed over
-/// within a round trip or two instead of a timer tick, and a long hold costs Redis one poll a millisecond.
+/// Polls a waiter at the head or next to it makes back to back before it falls back to [`POLL_MIN`]: a short hold
+/// is handed over within a round trip or two instead of a timer tick (the next in line is often the head by the
+/// time the lock comes free), and a long hold costs Redis one poll a millisecond from each of the two.
 const HEAD_SPINS: u32 = 8;
 
 /// When a queued waiter asks again.
@@ -185,7 +186,7 @@ struct Pace {
     last: Option<(usize, Instant)>,
     /// The measured time per grant (how long one place in the queue takes), once the queue has moved.
     per_grant: Option<Duration>,
-    /// Back-to-back polls made at the head so far.
+    /// Back-to-back polls made at or next to the head so far.
     head_spins: u32,
 }
 
@@ -199,9 +200,9 @@ impl Pace {
         self.heartbeat.mul_f64(rand::rng().random_range(0.75..=1.0))
     }
 
-    /// The pause of a polling waiter at `position`. The head polls back to back for a few polls, then, as the one
-    /// behind it does, as often as the timer allows: the lock is handed to the head at a release, and whoever is
-    /// next may already be the head by its next poll. Further back, a waiter sleeps half the time it expects to
+    /// The pause of a polling waiter at `position`. The head and the one behind it poll back to back for a few
+    /// polls, then as often as the timer allows: the lock is handed to the head at a release, and whoever is next
+    /// may already be the head by its next poll. Further back, a waiter sleeps half the time it expects to
     /// take to be next, because oversleeping stalls the whole queue (the lock waits, handed over, for it to look)
     /// while an early poll costs one round trip; polls thin out far from the head, a few per turn, never more than
     /// a heartbeat apart.
@@ -221,7 +222,7 @@ impl Pace {
                 Some(self.per_grant.map_or(observed, |p| if observed < p { observed } else { (p * 3 + observed) / 4 }));
         }
         self.last = Some((position, now));
-        if position == 0 && self.head_spins < HEAD_SPINS {
+        if position <= 1 && self.head_spins < HEAD_SPINS {
             self.head_spins += 1;
             return Duration::ZERO;
         }
@@ -266,11 +267,12 @@ mod tests {
         tokio::time::advance(Duration::from_millis(76)).await;
         let third = pace.poll(Some(2));
         assert!(third >= POLL_MIN && third <= Duration::from_millis(2), "one place to go: {third:?}");
-        assert_eq!(pace.poll(Some(1)), POLL_MIN, "the one behind the head polls as often as the timer allows");
-        for _ in 0..HEAD_SPINS {
+        assert_eq!(pace.poll(Some(1)), Duration::ZERO, "the one behind the head asks again at once");
+        for _ in 1..HEAD_SPINS {
             assert_eq!(pace.poll(Some(0)), Duration::ZERO, "the head asks again at once, a few times");
         }
-        assert_eq!(pace.poll(Some(0)), POLL_MIN);
+        assert_eq!(pace.poll(Some(0)), POLL_MIN, "then as often as the timer allows");
+        assert_eq!(pace.poll(Some(1)), POLL_MIN);
         assert!(pace.poll(Some(100_000)) <= heartbeat, "never longer than a heartbeat");
     }
 }
