@@ -204,7 +204,7 @@ impl DistributedLock for Redlock {
     async fn lock(&self, key: &str, deadline: Instant) -> Result<LockGuard, LockError> {
         let token = lock::new_token();
         let mut turn = match &self.turns {
-            Some(turns) if turns.wait(key, &token, self.lease, deadline).await? => {
+            Some(turns) if turns.wait(key, &token, deadline).await? => {
                 Some(HeldTurn { turns: turns.clone(), key: key.to_owned(), token: token.clone(), armed: true })
             }
             _ => None,
@@ -218,7 +218,7 @@ impl DistributedLock for Redlock {
                 Ok(fence) => {
                     pending.armed = false;
                     let lease: Arc<dyn Lease> = match turn.take() {
-                        Some(turn) => Arc::new(FairNodes { nodes: self.nodes.clone(), turns: turn.keep() }),
+                        Some(turn) => Arc::new(FairNodes { nodes: self.nodes.clone(), turns: turn.keep(self.lease) }),
                         None => self.nodes.clone(),
                     };
                     return Ok(LockGuard::new(key, token, fence, self.lease, lease));
@@ -236,6 +236,15 @@ impl DistributedLock for Redlock {
                     turn.pass_on().await;
                 }
                 return Err(self.nodes.failure(unanswered));
+            }
+            // The turn was taken for the acceptance lease only: renewed while this waiter is still trying, it
+            // lapses soon after the waiter dies. Lost meanwhile (a renewal came too late), someone else may be
+            // asking with the next turn, so this waiter races from here on.
+            if let Some(held) = &mut turn
+                && !held.renew().await
+            {
+                held.armed = false;
+                turn = None;
             }
             tokio::time::sleep(BACKOFF.delay(lost).min(left)).await;
             lost = lost.saturating_add(1);
@@ -263,13 +272,17 @@ fn turn_keys(key: &str) -> QueueKeys {
 impl Turns {
     /// Waits until it is `token`'s turn at `key`: `Ok(true)`; `Ok(false)` when the queue node cannot be asked, so
     /// that the caller races instead of failing with a node the lock itself does not need.
-    async fn wait(&self, key: &str, token: &str, lease: Duration, deadline: Instant) -> Result<bool, LockError> {
+    ///
+    /// The turn is taken for the acceptance lease only, not the lock's: a waiter that dies between its turn and the
+    /// lock (no guard, no watchdog yet) must stall the queue no longer than one that dies before its turn.
+    async fn wait(&self, key: &str, token: &str, deadline: Instant) -> Result<bool, LockError> {
         if !self.client.is_connected() {
             return Ok(false);
         }
         let registration = self.wakeups.register(token);
+        let (keys, accept, timing) = (turn_keys(key), self.timing.accept, &self.timing);
         let wake = Wake::Message(&registration);
-        match node::wait_in_queue(&self.client, &turn_keys(key), token, lease, &self.timing, wake, deadline).await {
+        match node::wait_in_queue(&self.client, &keys, token, accept, timing, wake, deadline).await {
             Ok(_turn_fence) => Ok(true),
             Err(LockError::Timeout) => Err(LockError::Timeout),
             Err(e) => {
@@ -279,7 +292,7 @@ impl Turns {
         }
     }
 
-    /// Passes `token`'s turn at `key` to the next waiter.
+    /// Passes `token`'s turn at `key` to the next waiter (a no-op once it is no longer `token`'s).
     async fn pass_on(&self, key: &str, token: &str) -> Result<bool, LockError> {
         scripts::fair_release(&self.client, &turn_keys(key), token, &self.timing).await
     }
@@ -294,10 +307,23 @@ struct HeldTurn {
 }
 
 impl HeldTurn {
-    /// The turn now belongs to the lock's guard, which passes it on at release.
-    fn keep(mut self) -> Arc<Turns> {
+    /// The lock is won: the turn now belongs to the lock's guard, whose watchdog renews it and whose release passes
+    /// it on. Extended to the lock's `lease` at once, in the background (the next renewal is a third of a lease
+    /// away, the turn's acceptance lease much sooner); should that fail, the next waiter only asks early, and loses
+    /// to the majority.
+    fn keep(mut self, lease: Duration) -> Arc<Turns> {
         self.armed = false;
+        let (turns, key, token) = (self.turns.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.token));
+        tokio::spawn(async move {
+            let _ = scripts::extend(&turns.client, &turn_keys(&key).lock, &token, lease).await;
+        });
         self.turns.clone()
+    }
+
+    /// Renews the turn for another acceptance lease: whether it is still this waiter's.
+    async fn renew(&self) -> bool {
+        let turn = turn_keys(&self.key);
+        scripts::extend(&self.turns.client, &turn.lock, &self.token, self.turns.timing.accept).await.unwrap_or(false)
     }
 
     /// Gives the turn up (the lock could not be had in time), so the next waiter does not wait out its lease.

@@ -1197,3 +1197,41 @@ async fn the_stock_strategy_over_fair_locks_serves_overlapping_orders_of_two_ins
         eprintln!("fair {}: 120 overlapping orders over two instances in {:?}", kind.name(), started.elapsed());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_redlock_waiter_frozen_between_its_turn_and_the_lock_stalls_the_queue_for_the_acceptance_lease_only() {
+    let Some(servers) = Servers::start(3) else { return };
+    let (nodes, lease) = (servers.urls(), Duration::from_secs(10));
+    let key = key("frozen-with-turn");
+    // A racing client holds the lock, so the turn is free: the waiter in the other process takes it at once and
+    // then keeps asking the majority, turn in hand.
+    let racing = Redlock::connect(&nodes, lease).await.unwrap();
+    let mut held = racing.lock(&key, within(Duration::from_secs(1))).await.unwrap();
+    let mut process = child(Kind::Redlock, &nodes, &key);
+    let queue_node = raw(&nodes[0]).await;
+    let turn = format!("{{{key}}}:turn");
+    let started = Instant::now();
+    while queue_node.get::<Option<String>, _>(&turn).await.unwrap().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the other process never took its turn");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let waiter = Fair::connect(Kind::Redlock, &nodes, lease).await;
+    let next = tokio::spawn({
+        let key = key.clone();
+        async move { waiter.lock().lock(&key, within(Duration::from_secs(30))).await.map(|g| (g, Instant::now())) }
+    });
+    let probe = Fair::connect(Kind::Redlock, &nodes, lease).await;
+    probe.until_queued(&key, 1).await;
+    signal(&process, "-STOP");
+    held.release().await.unwrap();
+    let released = Instant::now();
+    let (mut guard, granted) = next.await.unwrap().unwrap();
+    let stall = granted - released;
+    eprintln!("fair redlock: a waiter frozen with its turn stalled the next for {stall:?}");
+    // Its turn lapses after the acceptance lease (500 ms), not the lock's lease (10 s).
+    assert!(stall < Duration::from_millis(1_250), "{stall:?}");
+    signal(&process, "-CONT");
+    guard.release().await.unwrap();
+    let status = tokio::task::spawn_blocking(move || process.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "the thawed client got the lock in the end");
+}
