@@ -190,7 +190,11 @@ fn load_average() -> String {
 
 fn ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
-    if ms < 10.0 { format!("{ms:.1}") } else { format!("{ms:.0}") }
+    match ms {
+        ..1.0 => format!("{ms:.2}"),
+        ..10.0 => format!("{ms:.1}"),
+        _ => format!("{ms:.0}"),
+    }
 }
 
 fn thousands(n: f64) -> String {
