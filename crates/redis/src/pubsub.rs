@@ -3,7 +3,7 @@
 //! # Fair (the default)
 //! Waiters queue in Redis (see the fair queue in `scripts`), and a release hands the lock to the longest live
 //! waiter and wakes only it, with a message on a channel of its lock client: each lock client subscribes once to a
-//! channel of its own ([`Wakeups`]), and routes a message (a waiter's token) to that waiter through an in-process
+//! channel of its own (`Wakeups`), and routes a message (a waiter's token) to that waiter through an in-process
 //! registry. A wake-up therefore costs one message to one client, however many wait. The woken waiter accepts the
 //! handover, which extends the lock to the full lease, and starts its watchdog. Waiters also refresh their place
 //! on a timer, which is how a lost message (a reconnection, a lagging dispatcher) only delays.
