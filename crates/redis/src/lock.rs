@@ -1,5 +1,5 @@
-//! What every lock shares: the [`DistributedLock`] port, its error, and the [`LockGuard`] that renews and
-//! releases a held lock.
+//! What every lock shares: the [`DistributedLock`] port, its error, the [`LockOptions`] a lock is connected with,
+//! and the [`LockGuard`] that renews and releases a held lock.
 
 use std::fmt;
 use std::sync::Arc;
@@ -31,6 +31,29 @@ pub enum LockError {
     /// The lock was configured with values it cannot work with.
     #[error("invalid lock configuration: {0}")]
     Config(String),
+}
+
+/// How a lock is connected: for now, whether its waiters queue (`fair`) or race.
+///
+/// Racing waiters try again on their own schedule (a poll, a release message to every instance, a backoff), so
+/// under contention the releaser, which asks again at once, usually wins its own lock back and the others starve.
+/// Fair waiters queue in Redis, and a release hands the lock to the longest live waiter and wakes only it: nearly
+/// every grant changes holder, at the cost of one more round trip per handover (the new holder's acceptance).
+/// Mutual exclusion, owner tokens, the watchdog and fences are the same either way.
+///
+/// `SpinLock::connect` and `Redlock::connect` race and `PubSubLock::connect` is fair; `connect_with` takes these
+/// options instead, so one setting can choose for all three.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LockOptions {
+    /// Queue the waiters in Redis and hand each release to the longest live waiter.
+    pub fair: bool,
+}
+
+impl LockOptions {
+    /// Waiters queue, and a release hands the lock to the head of the queue.
+    pub const FAIR: Self = Self { fair: true };
+    /// Waiters race for a released lock.
+    pub const RACING: Self = Self { fair: false };
 }
 
 /// A mutual-exclusion lock shared by every instance of the service.

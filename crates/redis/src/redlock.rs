@@ -19,6 +19,16 @@
 //! one. Tokens therefore strictly increase across holders. Like the lock itself this assumes a node does not come
 //! back empty (without its data) while a lock it granted is still live: restart crashed nodes after the lease or
 //! with persistence.
+//!
+//! # Fair mode ([`LockOptions::FAIR`])
+//! Contenders that split the votes cannot be made to queue on every node in the same order without agreeing on
+//! one, so the order is kept on one node: the first URL is the queue node, where each key has a turn (a fair
+//! single-node lock, `{key}:turn`, with the queue of the `scripts` module). A waiter first waits for its turn,
+//! woken by a message when the previous holder passes it on, and only the holder of the turn then runs the
+//! Redlock rounds above, which it wins at once because no other fair waiter is asking. Mutual exclusion and fences
+//! are still the majority's alone: the turn only decides who asks. When the queue node is down, waiters race as
+//! in the default mode (with the lock unaffected), so fairness needs it but availability does not. Every instance
+//! must list the same node first.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,10 +41,11 @@ use futures::stream::FuturesUnordered;
 use shop_domain::ports::RetryPolicy;
 use tokio::time::Instant;
 
-use crate::lock::{self, DistributedLock, Lease, LockError, LockGuard};
-use crate::node;
+use crate::lock::{self, DistributedLock, Lease, LockError, LockGuard, LockOptions};
+use crate::node::{self, Wake};
 use crate::probe::RedisProbe;
-use crate::scripts::{self, Attempt};
+use crate::pubsub::Wakeups;
+use crate::scripts::{self, Attempt, FairTiming, QueueKeys};
 
 /// The random pause between lost attempts: full jitter under a ceiling that doubles per loss (1 ms up to 50 ms),
 /// so that the more contenders split the votes, the more they spread out, and a round again has one winner.
@@ -46,6 +57,8 @@ const BACKOFF: RetryPolicy =
 pub struct Redlock {
     nodes: Arc<Nodes>,
     lease: Duration,
+    /// The fair mode's turns, on the first node.
+    turns: Option<Arc<Turns>>,
 }
 
 impl Redlock {
@@ -58,6 +71,19 @@ impl Redlock {
     /// [`LockError::NoQuorum`] when fewer than a majority can be reached; [`LockError::Config`] for no URL or a
     /// lease under 30 ms; [`LockError::Redis`] for a malformed URL.
     pub async fn connect<S: AsRef<str>>(urls: &[S], lease: Duration) -> Result<Self, LockError> {
+        Self::connect_with(urls, lease, LockOptions::RACING).await
+    }
+
+    /// Connects as [`Redlock::connect`] does, racing or fair as `options` say. Fair, the first URL is the queue
+    /// node (see the module documentation); it may be down, at start or later.
+    ///
+    /// # Errors
+    /// As [`Redlock::connect`].
+    pub async fn connect_with<S: AsRef<str>>(
+        urls: &[S],
+        lease: Duration,
+        options: LockOptions,
+    ) -> Result<Self, LockError> {
         lock::check_lease(lease)?;
         if urls.is_empty() {
             return Err(LockError::Config("redlock needs at least one node (3 or 5 make sense)".into()));
@@ -86,7 +112,21 @@ impl Redlock {
                 tracing::warn!(node = url.as_ref(), error = %e, "redlock node is down; continuing with a majority");
             }
         }
-        Ok(Self { nodes: Arc::new(nodes), lease })
+        let turns = match (options.fair, urls.first(), nodes.clients.first()) {
+            (true, Some(url), Some(client)) => Some(Arc::new(Turns {
+                client: client.clone(),
+                wakeups: Wakeups::connect_or_retry(url.as_ref(), node_timeout).await?,
+                timing: FairTiming::for_lease(lease),
+            })),
+            _ => None,
+        };
+        Ok(Self { nodes: Arc::new(nodes), lease, turns })
+    }
+
+    /// Whether waiters queue ([`LockOptions::FAIR`]).
+    #[must_use]
+    pub fn is_fair(&self) -> bool {
+        self.turns.is_some()
     }
 
     /// A readiness probe of every node: ready while a majority answers.
@@ -103,6 +143,29 @@ impl Redlock {
     #[doc(hidden)]
     pub async fn force_unlock_as(&self, key: &str, token: &str) -> Result<bool, LockError> {
         self.nodes.release(key, token).await
+    }
+
+    /// How many waiters queue for a turn at `key` on the queue node (fair mode), for tests.
+    ///
+    /// # Errors
+    /// [`LockError::Redis`]; [`LockError::Config`] when racing.
+    #[doc(hidden)]
+    pub async fn queued(&self, key: &str) -> Result<usize, LockError> {
+        let turns = self.turns.as_ref().ok_or_else(|| LockError::Config("a racing redlock has no queue".into()))?;
+        scripts::queue_len(&turns.client, &turn_keys(key)).await
+    }
+
+    /// Unsubscribes this client's wake-up channel (fair mode), so that every handover message to it is lost: for
+    /// tests that a lost message only delays.
+    ///
+    /// # Errors
+    /// [`LockError::Redis`].
+    #[doc(hidden)]
+    pub async fn lose_wakeups(&self) -> Result<(), LockError> {
+        match &self.turns {
+            Some(turns) => turns.wakeups.unsubscribe().await,
+            None => Ok(()),
+        }
     }
 
     /// One attempt: the fence when won, else how many nodes did not answer.
@@ -140,11 +203,24 @@ impl Redlock {
 impl DistributedLock for Redlock {
     async fn lock(&self, key: &str, deadline: Instant) -> Result<LockGuard, LockError> {
         let token = lock::new_token();
+        let mut turn = match &self.turns {
+            Some(turns) if turns.wait(key, &token, deadline).await? => {
+                Some(HeldTurn { turns: turns.clone(), key: key.to_owned(), token: token.clone(), armed: true })
+            }
+            _ => None,
+        };
+        // Until the lock is won, a dropped lock future undoes what its attempts got, instead of leaving the next
+        // contender a minority it cannot win for a whole lease.
+        let mut pending = Undo { nodes: self.nodes.clone(), key: key.to_owned(), token: token.clone(), armed: true };
         let mut lost = 0u32;
         loop {
             let unanswered = match self.attempt(key, &token).await {
                 Ok(fence) => {
-                    let lease: Arc<dyn Lease> = self.nodes.clone();
+                    pending.armed = false;
+                    let lease: Arc<dyn Lease> = match turn.take() {
+                        Some(turn) => Arc::new(FairNodes { nodes: self.nodes.clone(), turns: turn.keep(self.lease) }),
+                        None => self.nodes.clone(),
+                    };
                     return Ok(LockGuard::new(key, token, fence, self.lease, lease));
                 }
                 Err(unanswered) => unanswered,
@@ -155,7 +231,20 @@ impl DistributedLock for Redlock {
             }
             let left = lock::remaining(deadline);
             if left.is_zero() {
+                pending.armed = false;
+                if let Some(turn) = turn.take() {
+                    turn.pass_on().await;
+                }
                 return Err(self.nodes.failure(unanswered));
+            }
+            // The turn was taken for the acceptance lease only: renewed while this waiter is still trying, it
+            // lapses soon after the waiter dies. Lost meanwhile (a renewal came too late), someone else may be
+            // asking with the next turn, so this waiter races from here on.
+            if let Some(held) = &mut turn
+                && !held.renew().await
+            {
+                held.armed = false;
+                turn = None;
             }
             tokio::time::sleep(BACKOFF.delay(lost).min(left)).await;
             lost = lost.saturating_add(1);
@@ -164,6 +253,152 @@ impl DistributedLock for Redlock {
 
     fn name(&self) -> &'static str {
         "redis-redlock"
+    }
+}
+
+/// The fair mode's order: a turn per key on the queue node (the first), and this client's wake-up channel there.
+#[derive(Debug)]
+struct Turns {
+    client: Client,
+    wakeups: Arc<Wakeups>,
+    timing: FairTiming,
+}
+
+/// The keys of `key`'s turn and its queue on the queue node.
+fn turn_keys(key: &str) -> QueueKeys {
+    QueueKeys::of(&scripts::derived_key(key, "turn"))
+}
+
+impl Turns {
+    /// Waits until it is `token`'s turn at `key`: `Ok(true)`; `Ok(false)` when the queue node cannot be asked, so
+    /// that the caller races instead of failing with a node the lock itself does not need.
+    ///
+    /// The turn is taken for the acceptance lease only, not the lock's: a waiter that dies between its turn and the
+    /// lock (no guard, no watchdog yet) must stall the queue no longer than one that dies before its turn.
+    async fn wait(&self, key: &str, token: &str, deadline: Instant) -> Result<bool, LockError> {
+        if !self.client.is_connected() {
+            return Ok(false);
+        }
+        let registration = self.wakeups.register(token);
+        let (keys, accept, timing) = (turn_keys(key), self.timing.accept, &self.timing);
+        let wake = Wake::Message(&registration);
+        match node::wait_in_queue(&self.client, &keys, token, accept, timing, wake, deadline).await {
+            Ok(_turn_fence) => Ok(true),
+            Err(LockError::Timeout) => Err(LockError::Timeout),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "the redlock queue node failed; racing for the lock instead");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Passes `token`'s turn at `key` to the next waiter (a no-op once it is no longer `token`'s).
+    async fn pass_on(&self, key: &str, token: &str) -> Result<bool, LockError> {
+        scripts::fair_release(&self.client, &turn_keys(key), token, &self.timing).await
+    }
+}
+
+/// A turn held while its holder runs the Redlock rounds; passed on if the lock future is dropped meanwhile.
+struct HeldTurn {
+    turns: Arc<Turns>,
+    key: String,
+    token: String,
+    armed: bool,
+}
+
+impl HeldTurn {
+    /// The lock is won: the turn now belongs to the lock's guard, whose watchdog renews it and whose release passes
+    /// it on. Extended to the lock's `lease` at once, in the background (the next renewal is a third of a lease
+    /// away, the turn's acceptance lease much sooner); should that fail, the next waiter only asks early, and loses
+    /// to the majority.
+    fn keep(mut self, lease: Duration) -> Arc<Turns> {
+        self.armed = false;
+        let (turns, key, token) = (self.turns.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.token));
+        tokio::spawn(async move {
+            let _ = scripts::extend(&turns.client, &turn_keys(&key).lock, &token, lease).await;
+        });
+        self.turns.clone()
+    }
+
+    /// Renews the turn for another acceptance lease: whether it is still this waiter's.
+    async fn renew(&self) -> bool {
+        let turn = turn_keys(&self.key);
+        scripts::extend(&self.turns.client, &turn.lock, &self.token, self.turns.timing.accept).await.unwrap_or(false)
+    }
+
+    /// Gives the turn up (the lock could not be had in time), so the next waiter does not wait out its lease.
+    async fn pass_on(mut self) {
+        self.armed = false;
+        if let Err(e) = self.turns.pass_on(&self.key, &self.token).await {
+            tracing::warn!(key = %self.key, error = %e, "passing a redlock turn on failed; it lapses with its lease");
+        }
+    }
+}
+
+impl Drop for HeldTurn {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (turns, key, token) = (self.turns.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.token));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = turns.pass_on(&key, &token).await;
+            });
+        }
+    }
+}
+
+/// Grants of a lock not yet won; undone on every node if the lock future is dropped before it is.
+struct Undo {
+    nodes: Arc<Nodes>,
+    key: String,
+    token: String,
+    armed: bool,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (nodes, key, token) = (self.nodes.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.token));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = nodes.release(&key, &token).await;
+            });
+        }
+    }
+}
+
+/// The lease of a lock won with a turn: renewed and released on the majority as any other, and its release also
+/// passes the turn to the next waiter.
+struct FairNodes {
+    nodes: Arc<Nodes>,
+    turns: Arc<Turns>,
+}
+
+#[async_trait]
+impl Lease for FairNodes {
+    /// The majority decides; the turn is renewed alongside so that it does not lapse under a long hold (if it
+    /// does, the next waiter only asks early, and loses to the majority).
+    async fn extend(&self, key: &str, token: &str, lease: Duration) -> Result<bool, LockError> {
+        let turn = turn_keys(key);
+        let (held, _turn) = tokio::join!(
+            self.nodes.extend(key, token, lease),
+            scripts::extend(&self.turns.client, &turn.lock, token, lease)
+        );
+        held
+    }
+
+    /// Unlocks the majority and passes the turn on at once: the unlock on the queue node is sent first on the same
+    /// connection, so the next holder, woken by the turn, finds that node free.
+    async fn release(&self, key: &str, token: &str) -> Result<bool, LockError> {
+        let (released, passed) = tokio::join!(self.nodes.release(key, token), self.turns.pass_on(key, token));
+        if let Err(e) = passed {
+            tracing::warn!(%key, error = %e, "passing a redlock turn on failed; it lapses with its lease");
+        }
+        released
     }
 }
 

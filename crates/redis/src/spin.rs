@@ -1,7 +1,13 @@
-//! `redis-spin`: SET NX on one node, retried after a short jittered sleep until the deadline.
+//! `redis-spin`: a lock on one node whose waiters poll, on one connection per lock client.
 //!
-//! The simplest lock and the least fair: a waiter only notices a release at its next poll, so under contention
-//! the lock tends to go to whoever polls right after the release rather than to the longest waiter.
+//! Racing (the default): SET NX, retried after a short jittered sleep until the deadline. The simplest lock and
+//! the least fair: a waiter only notices a release at its next poll, so under contention the lock goes to whoever
+//! asks right after the release, which is usually the releaser itself.
+//!
+//! Fair ([`LockOptions::FAIR`]): waiters queue in Redis and a release hands the lock to the head of the queue (the
+//! fair queue in `scripts`), but nobody is told: each waiter polls, closer together the nearer it is to the head,
+//! and accepts the lock once it finds it handed over. Fair without a subscriber connection; a handover costs the
+//! head's polling delay (about a millisecond) on top of the round trips.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,10 +16,10 @@ use async_trait::async_trait;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::lock::{self, DistributedLock, Lease, LockError, LockGuard};
-use crate::node::{self, SingleNode};
+use crate::lock::{self, DistributedLock, Lease, LockError, LockGuard, LockOptions};
+use crate::node::{self, SingleNode, Wake};
 use crate::probe::RedisProbe;
-use crate::scripts::{self, Attempt};
+use crate::scripts::{self, Attempt, FairTiming, QueueKeys};
 
 /// Polling bounds: short enough that a released lock is picked up within a few ms, jittered so that waiters do
 /// not poll in lock-step. Deliberately not the holder's TTL: a holder usually releases long before its lease.
@@ -34,9 +40,24 @@ impl SpinLock {
     /// # Errors
     /// [`LockError::Redis`] when the server cannot be reached; [`LockError::Config`] for a lease under 30 ms.
     pub async fn connect(url: &str, lease: Duration) -> Result<Self, LockError> {
+        Self::connect_with(url, lease, LockOptions::RACING).await
+    }
+
+    /// Connects as [`SpinLock::connect`] does, racing or fair as `options` say.
+    ///
+    /// # Errors
+    /// As [`SpinLock::connect`].
+    pub async fn connect_with(url: &str, lease: Duration, options: LockOptions) -> Result<Self, LockError> {
         lock::check_lease(lease)?;
         let client = node::connect(url, node::command_timeout(lease)).await?;
-        Ok(Self { node: Arc::new(SingleNode { client }), lease })
+        let fair = options.fair.then(|| FairTiming::for_lease(lease));
+        Ok(Self { node: Arc::new(SingleNode { client, fair }), lease })
+    }
+
+    /// Whether waiters queue ([`LockOptions::FAIR`]).
+    #[must_use]
+    pub fn is_fair(&self) -> bool {
+        self.node.fair.is_some()
     }
 
     /// A readiness probe sharing this lock's connection.
@@ -52,7 +73,16 @@ impl SpinLock {
     /// [`LockError::Redis`].
     #[doc(hidden)]
     pub async fn force_unlock_as(&self, key: &str, token: &str) -> Result<bool, LockError> {
-        scripts::unlock(&self.node.client, key, token).await
+        self.node.release(key, token).await
+    }
+
+    /// How many waiters are queued for `key` in Redis (fair mode; live or not yet found dead), for tests.
+    ///
+    /// # Errors
+    /// [`LockError::Redis`].
+    #[doc(hidden)]
+    pub async fn queued(&self, key: &str) -> Result<usize, LockError> {
+        scripts::queue_len(&self.node.client, &QueueKeys::of(key)).await
     }
 }
 
@@ -60,6 +90,13 @@ impl SpinLock {
 impl DistributedLock for SpinLock {
     async fn lock(&self, key: &str, deadline: Instant) -> Result<LockGuard, LockError> {
         let token = lock::new_token();
+        if let Some(timing) = &self.node.fair {
+            let keys = QueueKeys::of(key);
+            let fence =
+                node::wait_in_queue(&self.node.client, &keys, &token, self.lease, timing, Wake::Poll, deadline).await?;
+            let lease: Arc<dyn Lease> = self.node.clone();
+            return Ok(LockGuard::new(key, token, fence, self.lease, lease));
+        }
         loop {
             match scripts::acquire(&self.node.client, key, &token, self.lease).await? {
                 Attempt::Granted { fence } => {

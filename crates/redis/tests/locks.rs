@@ -19,7 +19,9 @@ use shop_domain::money::Quantity;
 use shop_domain::money::Stock;
 use shop_domain::order::OrderLine;
 use shop_domain::ports::{FencedWrite, MockStockTx, Probe, StockRow, StockStrategy, StockTake};
-use shop_redis::{DistributedLock, LockError, PubSubLock, RedisLockStock, Redlock, SpinLock, option_lock_key};
+use shop_redis::{
+    DistributedLock, LockError, LockOptions, PubSubLock, RedisLockStock, Redlock, SpinLock, option_lock_key,
+};
 
 /// The key namespace of these tests' stock locks.
 const PREFIX: &str = "shop-redis-test";
@@ -64,6 +66,18 @@ async fn pubsub(lease: Duration) -> Arc<dyn DistributedLock> {
     Arc::new(PubSubLock::connect(URL, lease).await.unwrap())
 }
 
+/// A free port below the ephemeral range (32768 up, where `bind(0)` picks): a server killed by a test keeps its
+/// port unused, instead of another test's (or process's) `bind(0)` handing it to a new server that would then
+/// answer in its place. There is a small window before redis-server binds it.
+fn free_port() -> u16 {
+    loop {
+        let port = rand::rng().random_range(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// `redis-server` processes on free ports, killed when dropped.
 struct Servers {
     ports: Vec<u16>,
@@ -79,8 +93,7 @@ impl Servers {
         }
         let mut servers = Self { ports: Vec::new(), children: Vec::new() };
         for _ in 0..n {
-            // The OS picks a free port; there is a small window before redis-server binds it.
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = free_port();
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .args(["--daemonize", "no", "--loglevel", "warning"])
@@ -134,9 +147,9 @@ struct Contention {
     fences: Vec<u64>,
 }
 
-/// `tasks` tasks released at once, alternating over the two lock instances, each incrementing a counter outside
+/// `tasks` tasks released at once, taking turns over the lock instances, each incrementing a counter outside
 /// Redis with a read, a yield and a write (lost updates show as a count below `tasks`) under the lock on `key`.
-async fn contend(locks: [Arc<dyn DistributedLock>; 2], key: &str, tasks: usize, done: Arc<AtomicUsize>) -> Contention {
+async fn contend(locks: &[Arc<dyn DistributedLock>], key: &str, tasks: usize, done: Arc<AtomicUsize>) -> Contention {
     let counter = Arc::new(Mutex::new(0u64));
     let inside = Arc::new(AtomicUsize::new(0));
     let most_inside = Arc::new(AtomicUsize::new(0));
@@ -144,7 +157,7 @@ async fn contend(locks: [Arc<dyn DistributedLock>; 2], key: &str, tasks: usize, 
     let barrier = Arc::new(tokio::sync::Barrier::new(tasks));
     let handles: Vec<_> = (0..tasks)
         .map(|i| {
-            let lock = locks[i % 2].clone();
+            let lock = locks[i % locks.len()].clone();
             let (key, counter, inside, most_inside) =
                 (key.to_owned(), counter.clone(), inside.clone(), most_inside.clone());
             let (fences, barrier, done) = (fences.clone(), barrier.clone(), done.clone());
@@ -184,7 +197,7 @@ async fn spin_lock_excludes_200_tasks_across_two_instances() {
     }
     let lease = Duration::from_secs(5);
     let started = Instant::now();
-    let seen = contend([spin(lease).await, spin(lease).await], &key("spin"), 200, Arc::default()).await;
+    let seen = contend(&[spin(lease).await, spin(lease).await], &key("spin"), 200, Arc::default()).await;
     assert_exclusive(&seen, 200);
     eprintln!("spin: 200 acquisitions in {:?}", started.elapsed());
 }
@@ -196,7 +209,7 @@ async fn pubsub_lock_excludes_200_tasks_across_two_instances() {
     }
     let lease = Duration::from_secs(5);
     let started = Instant::now();
-    let seen = contend([pubsub(lease).await, pubsub(lease).await], &key("pubsub"), 200, Arc::default()).await;
+    let seen = contend(&[pubsub(lease).await, pubsub(lease).await], &key("pubsub"), 200, Arc::default()).await;
     assert_exclusive(&seen, 200);
     eprintln!("pubsub: 200 acquisitions in {:?}", started.elapsed());
 }
@@ -207,7 +220,7 @@ async fn redlock_excludes_200_tasks_across_two_instances() {
     let lease = Duration::from_secs(5);
     let started = Instant::now();
     let locks = [redlock(&servers, lease).await, redlock(&servers, lease).await];
-    let seen = contend(locks, &key("redlock"), 200, Arc::default()).await;
+    let seen = contend(&locks, &key("redlock"), 200, Arc::default()).await;
     assert_exclusive(&seen, 200);
     eprintln!("redlock: 200 acquisitions in {:?}", started.elapsed());
 }
@@ -230,7 +243,7 @@ async fn redlock_stays_exclusive_when_one_of_three_nodes_dies_mid_run() {
         })
     };
     let started = Instant::now();
-    let seen = contend(locks.clone(), &key("redlock-kill"), 200, done).await;
+    let seen = contend(&locks, &key("redlock-kill"), 200, done).await;
     let killed_after = killer.await.unwrap();
     assert!(killed_after < 200, "the node died mid-run (after {killed_after} acquisitions)");
     assert_exclusive(&seen, 200);
@@ -445,12 +458,12 @@ async fn a_pubsub_waiter_whose_release_message_is_lost_wakes_at_the_ttl() {
 }
 
 #[tokio::test]
-async fn pubsub_waiters_share_one_subscription_and_a_release_wakes_one() {
+async fn racing_pubsub_waiters_share_one_subscription_and_a_release_wakes_one() {
     if !redis_up() {
         return;
     }
     let lease = Duration::from_secs(10);
-    let lock = Arc::new(PubSubLock::connect(URL, lease).await.unwrap());
+    let lock = Arc::new(PubSubLock::connect_with(URL, lease, LockOptions::RACING).await.unwrap());
     let key = key("shared-subscription");
     let channel = format!("{{{key}}}:released");
     let mut holder = lock.lock(&key, within(Duration::from_secs(1))).await.unwrap();
@@ -596,4 +609,637 @@ async fn the_probe_answers_while_redis_does() {
     probe.ping().await.unwrap();
     let err = SpinLock::connect("redis://127.0.0.1:1", Duration::from_secs(5)).await.unwrap_err();
     assert!(matches!(err, LockError::Redis(_)), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fair modes: a queue per key in Redis, a release hands the lock to the longest live waiter.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Which lock a fair client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Spin,
+    PubSub,
+    Redlock,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Spin => "spin",
+            Self::PubSub => "pubsub",
+            Self::Redlock => "redlock",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "spin" => Self::Spin,
+            "pubsub" => Self::PubSub,
+            "redlock" => Self::Redlock,
+            other => panic!("unknown kind {other}"),
+        }
+    }
+}
+
+/// A fair lock client, concrete so that tests can see its queue.
+#[derive(Debug)]
+enum Fair {
+    Spin(SpinLock),
+    PubSub(PubSubLock),
+    Redlock(Redlock),
+}
+
+impl Fair {
+    /// A fair client of `kind`: the single-node ones on the shared Redis, Redlock over `nodes`.
+    async fn connect(kind: Kind, nodes: &[String], lease: Duration) -> Self {
+        let fair = LockOptions { fair: true };
+        match kind {
+            Kind::Spin => Self::Spin(SpinLock::connect_with(URL, lease, fair).await.unwrap()),
+            Kind::PubSub => Self::PubSub(PubSubLock::connect_with(URL, lease, fair).await.unwrap()),
+            Kind::Redlock => Self::Redlock(Redlock::connect_with(nodes, lease, fair).await.unwrap()),
+        }
+    }
+
+    fn lock(&self) -> &dyn DistributedLock {
+        match self {
+            Self::Spin(l) => l,
+            Self::PubSub(l) => l,
+            Self::Redlock(l) => l,
+        }
+    }
+
+    async fn queued(&self, key: &str) -> usize {
+        match self {
+            Self::Spin(l) => l.queued(key).await.unwrap(),
+            Self::PubSub(l) => l.queued(key).await.unwrap(),
+            Self::Redlock(l) => l.queued(key).await.unwrap(),
+        }
+    }
+
+    /// Waits until `n` waiters are queued for `key`.
+    async fn until_queued(&self, key: &str, n: usize) {
+        let started = Instant::now();
+        loop {
+            let queued = self.queued(key).await;
+            if queued == n {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{:?}: {queued} queued, never {n}",
+                self.lock().name()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// The fair locks this machine can run: all three, Redlock over `servers`.
+fn fair_kinds() -> [Kind; 3] {
+    [Kind::Spin, Kind::PubSub, Kind::Redlock]
+}
+
+async fn fair_dyn(kind: Kind, nodes: &[String], lease: Duration) -> Arc<dyn DistributedLock> {
+    match Fair::connect(kind, nodes, lease).await {
+        Fair::Spin(l) => Arc::new(l),
+        Fair::PubSub(l) => Arc::new(l),
+        Fair::Redlock(l) => Arc::new(l),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fair_locks_exclude_200_tasks_across_four_clients() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(5);
+    for kind in fair_kinds() {
+        let mut locks = Vec::new();
+        for _ in 0..4 {
+            locks.push(fair_dyn(kind, &servers.urls(), lease).await);
+        }
+        let started = Instant::now();
+        let seen = contend(&locks, &key("fair-exclusion"), 200, Arc::default()).await;
+        assert_exclusive(&seen, 200);
+        eprintln!("fair {}: 200 acquisitions over 4 clients in {:?}", kind.name(), started.elapsed());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fair_and_racing_clients_of_one_key_still_exclude_each_other() {
+    if !redis_up() {
+        return;
+    }
+    // As during a rolling change of the setting: both modes on one key, one fence counter.
+    let lease = Duration::from_secs(5);
+    let racing = LockOptions { fair: false };
+    let locks: Vec<Arc<dyn DistributedLock>> = vec![
+        Arc::new(PubSubLock::connect(URL, lease).await.unwrap()),
+        Arc::new(SpinLock::connect(URL, lease).await.unwrap()),
+        Arc::new(SpinLock::connect_with(URL, lease, LockOptions { fair: true }).await.unwrap()),
+        Arc::new(PubSubLock::connect_with(URL, lease, racing).await.unwrap()),
+    ];
+    let seen = contend(&locks, &key("mixed-modes"), 200, Arc::default()).await;
+    assert_exclusive(&seen, 200);
+}
+
+/// `contenders` clients of `kind`, each locking and releasing at once in a loop until `total` grants: the
+/// contender of each grant, in grant (fence) order, and every wait.
+async fn hot_key(kind: Kind, nodes: &[String], contenders: usize, total: usize) -> (Vec<usize>, Vec<Duration>) {
+    let lease = Duration::from_secs(10);
+    let mut clients = Vec::new();
+    for _ in 0..contenders {
+        clients.push(fair_dyn(kind, nodes, lease).await);
+    }
+    let key = key("hot");
+    let granted = Arc::new(AtomicUsize::new(0));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let barrier = Arc::new(tokio::sync::Barrier::new(contenders));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(id, lock)| {
+            let (key, granted, order, barrier) = (key.clone(), granted.clone(), order.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let mut waits = Vec::new();
+                while granted.load(Ordering::SeqCst) < total {
+                    let asked = Instant::now();
+                    let mut guard = lock.lock(&key, within(Duration::from_secs(30))).await.unwrap();
+                    waits.push(asked.elapsed());
+                    if granted.fetch_add(1, Ordering::SeqCst) < total {
+                        // Pushed under the lock: the fences must come out strictly increasing.
+                        order.lock().unwrap().push((guard.fence(), id));
+                    }
+                    guard.release().await.unwrap();
+                }
+                waits
+            })
+        })
+        .collect();
+    let mut waits = Vec::new();
+    for task in tasks {
+        waits.extend(task.await.unwrap());
+    }
+    let order = std::mem::take(&mut *order.lock().unwrap());
+    assert!(order.windows(2).all(|w| w[0].0 < w[1].0), "{}: fences increase across handovers", kind.name());
+    waits.sort();
+    (order.into_iter().map(|(_, id)| id).collect(), waits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_locks_hand_nine_grants_in_ten_to_another_contender() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    for kind in fair_kinds() {
+        let (holders, waits) = hot_key(kind, &servers.urls(), 10, 300).await;
+        let changes = holders.windows(2).filter(|w| w[0] != w[1]).count();
+        let worst = waits.last().copied().unwrap_or_default();
+        eprintln!("fair {}: {changes} holder changes of {}, longest wait {worst:?}", kind.name(), holders.len() - 1);
+        assert!(changes * 10 >= (holders.len() - 1) * 9, "{}: {changes} changes of {}", kind.name(), holders.len() - 1);
+        for id in 0..10 {
+            assert!(holders.contains(&id), "{}: contender {id} was never granted", kind.name());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_waiters_are_granted_in_arrival_order() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(10);
+    for kind in fair_kinds() {
+        let key = key("arrival-order");
+        let holder = Fair::connect(kind, &servers.urls(), lease).await;
+        let mut held = holder.lock().lock(&key, within(Duration::from_secs(1))).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for i in 0..5 {
+            let waiter = Fair::connect(kind, &servers.urls(), lease).await;
+            let (mine, order) = (key.clone(), order.clone());
+            waiters.push(tokio::spawn(async move {
+                let mut guard = waiter.lock().lock(&mine, within(Duration::from_secs(20))).await.unwrap();
+                order.lock().unwrap().push((i, guard.fence()));
+                guard.release().await.unwrap();
+            }));
+            // Each one queued before the next asks.
+            holder.until_queued(&key, i + 1).await;
+        }
+        held.release().await.unwrap();
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        let ids: Vec<usize> = order.iter().map(|&(i, _)| i).collect();
+        assert_eq!(ids, vec![0, 1, 2, 3, 4], "{}: granted in arrival order", kind.name());
+        assert!(order.windows(2).all(|w| w[0].1 < w[1].1) && order[0].1 > held.fence(), "{}: {order:?}", kind.name());
+    }
+}
+
+/// Runs the helper test below in a process of its own, as a lock client of `kind` that queues for `key` and
+/// prints `granted {fence}` once it holds it.
+fn child(kind: Kind, nodes: &[String], key: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "helper_a_lock_client_in_a_process_of_its_own", "--nocapture", "--test-threads", "1"])
+        .env("SHOP_LOCK_TEST_CHILD", kind.name())
+        .env("SHOP_LOCK_TEST_NODES", nodes.join(","))
+        .env("SHOP_LOCK_TEST_KEY", key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Not a test on its own: the body of [`child`], which the test binary runs in another process that the tests
+/// kill or freeze. Does nothing unless `SHOP_LOCK_TEST_CHILD` is set.
+#[tokio::test]
+async fn helper_a_lock_client_in_a_process_of_its_own() {
+    let Ok(kind) = std::env::var("SHOP_LOCK_TEST_CHILD") else { return };
+    let nodes: Vec<String> = std::env::var("SHOP_LOCK_TEST_NODES").unwrap().split(',').map(str::to_owned).collect();
+    let key = std::env::var("SHOP_LOCK_TEST_KEY").unwrap();
+    let lock = Fair::connect(Kind::parse(&kind), &nodes, Duration::from_secs(10)).await;
+    let mut guard = lock.lock().lock(&key, within(Duration::from_secs(60))).await.unwrap();
+    println!("granted {}", guard.fence());
+    guard.release().await.unwrap();
+}
+
+fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+    assert!(status.success(), "kill {signal}");
+}
+
+/// A holder, then a waiter in another process, then a waiter here; the process dies (SIGKILL, no cleanup) and the
+/// holder releases at once, while the dead waiter still counts as alive: it is handed the lock, lets it lapse,
+/// and the waiter here gets it after the acceptance lease. How long after the release.
+async fn dead_waiter_delay(kind: Kind, nodes: &[String], linger: Duration) -> Duration {
+    let lease = Duration::from_secs(10);
+    let key = key("dead-waiter");
+    let holder = Fair::connect(kind, nodes, lease).await;
+    let mut held = holder.lock().lock(&key, within(Duration::from_secs(1))).await.unwrap();
+    let mut process = child(kind, nodes, &key);
+    holder.until_queued(&key, 1).await;
+    let waiter = Fair::connect(kind, nodes, lease).await;
+    let next = tokio::spawn({
+        let key = key.clone();
+        async move { waiter.lock().lock(&key, within(Duration::from_secs(30))).await.map(|g| (g, Instant::now())) }
+    });
+    holder.until_queued(&key, 2).await;
+    process.kill().unwrap();
+    process.wait().unwrap();
+    tokio::time::sleep(linger).await;
+    held.release().await.unwrap();
+    let released = Instant::now();
+    let (mut guard, granted) = next.await.unwrap().unwrap();
+    assert!(guard.fence() > held.fence());
+    guard.release().await.unwrap();
+    granted - released
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_killed_while_queued_delays_the_next_by_at_most_a_second() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    for kind in fair_kinds() {
+        let delay = dead_waiter_delay(kind, &servers.urls(), Duration::ZERO).await;
+        eprintln!("fair {}: a waiter killed just before its turn delayed the next by {delay:?}", kind.name());
+        // The acceptance lease (500 ms) plus at most one refresh of the next waiter (250 ms), with slack.
+        assert!(delay < Duration::from_millis(1_250), "{}: {delay:?}", kind.name());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_dead_longer_than_its_liveness_is_skipped_at_once() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    for kind in fair_kinds() {
+        // Its liveness deadline (1 s after its last refresh) has passed when its turn comes.
+        let delay = dead_waiter_delay(kind, &servers.urls(), Duration::from_millis(1_500)).await;
+        eprintln!("fair {}: a waiter dead for 1.5 s delayed the next by {delay:?}", kind.name());
+        assert!(delay < Duration::from_millis(400), "{}: skipped, not handed the lock: {delay:?}", kind.name());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_waiter_handed_the_lock_stalls_the_queue_for_the_acceptance_lease_only() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(10);
+    for kind in fair_kinds() {
+        let key = key("frozen-waiter");
+        let nodes = servers.urls();
+        let holder = Fair::connect(kind, &nodes, lease).await;
+        let mut held = holder.lock().lock(&key, within(Duration::from_secs(1))).await.unwrap();
+        let mut process = child(kind, &nodes, &key);
+        holder.until_queued(&key, 1).await;
+        let waiter = Fair::connect(kind, &nodes, lease).await;
+        let next = tokio::spawn({
+            let key = key.clone();
+            async move { waiter.lock().lock(&key, within(Duration::from_secs(30))).await.map(|g| (g, Instant::now())) }
+        });
+        holder.until_queued(&key, 2).await;
+        // Frozen at the head of the queue, still counted alive: it is handed the lock and cannot accept it.
+        signal(&process, "-STOP");
+        held.release().await.unwrap();
+        let released = Instant::now();
+        let (mut guard, granted) = next.await.unwrap().unwrap();
+        let stall = granted - released;
+        eprintln!("fair {}: a frozen waiter handed the lock stalled the next for {stall:?}", kind.name());
+        assert!(
+            stall >= Duration::from_millis(400),
+            "{}: the frozen waiter was handed it first: {stall:?}",
+            kind.name()
+        );
+        assert!(stall < Duration::from_millis(1_250), "{}: {stall:?}", kind.name());
+        // Thawed while the next one holds it: it finds its handover gone, queues again, and gets the lock after.
+        signal(&process, "-CONT");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let fence = guard.fence();
+        guard.release().await.unwrap();
+        let output = tokio::task::spawn_blocking(move || {
+            let status = process.wait().unwrap();
+            let mut out = String::new();
+            std::io::Read::read_to_string(process.stdout.as_mut().unwrap(), &mut out).unwrap();
+            (status, out)
+        })
+        .await
+        .unwrap();
+        assert!(output.0.success(), "{}: the thawed client got the lock in the end", kind.name());
+        // The helper's line follows libtest's "test helper_... ... " on the same line.
+        let theirs: u64 = output
+            .1
+            .split("granted ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .expect(&output.1)
+            .parse()
+            .unwrap();
+        assert!(theirs > fence, "{}: the thawed client's fence {theirs} follows {fence}", kind.name());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_handover_message_delays_a_waiter_by_a_refresh_but_never_strands_it() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(10);
+    for kind in [Kind::PubSub, Kind::Redlock] {
+        let key = key("lost-handover");
+        let holder = Fair::connect(kind, &servers.urls(), lease).await;
+        let waiter = Fair::connect(kind, &servers.urls(), lease).await;
+        match &waiter {
+            Fair::PubSub(l) => l.lose_wakeups().await.unwrap(),
+            Fair::Redlock(l) => l.lose_wakeups().await.unwrap(),
+            Fair::Spin(_) => unreachable!(),
+        }
+        for _ in 0..3 {
+            let mut held = holder.lock().lock(&key, within(Duration::from_secs(2))).await.unwrap();
+            // Queue the waiter (on its own client, which hears no messages), then release.
+            let wait = async {
+                let guard = waiter.lock().lock(&key, within(Duration::from_secs(30))).await;
+                (guard, Instant::now())
+            };
+            let release = async {
+                holder.until_queued(&key, 1).await;
+                held.release().await.unwrap();
+                Instant::now()
+            };
+            let ((got, granted), released) = tokio::join!(wait, release);
+            let mut got = got.unwrap();
+            let delay = granted - released;
+            eprintln!("fair {}: with its handover message lost, the waiter held the lock {delay:?} later", kind.name());
+            // Found by its next refresh (every 190-250 ms), far inside the 10 s lease the message would save.
+            assert!(delay < Duration::from_millis(1_000), "{}: {delay:?}", kind.name());
+            assert!(got.fence() > held.fence());
+            got.release().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_fair_guard_hands_the_lock_to_the_next_waiter() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(10);
+    for kind in fair_kinds() {
+        let key = key("drop-hands-over");
+        let (holder, waiter) =
+            (Fair::connect(kind, &servers.urls(), lease).await, Fair::connect(kind, &servers.urls(), lease).await);
+        let held = holder.lock().lock(&key, within(Duration::from_secs(1))).await.unwrap();
+        let first = held.fence();
+        let wait =
+            async { waiter.lock().lock(&key, within(Duration::from_secs(30))).await.map(|g| (g, Instant::now())) };
+        let drop_it = async {
+            holder.until_queued(&key, 1).await;
+            drop(held);
+            Instant::now()
+        };
+        let (got, dropped) = tokio::join!(wait, drop_it);
+        let (mut guard, granted) = got.unwrap();
+        // Far inside the 10 s lease: the drop released, and the release handed over.
+        assert!(granted - dropped < Duration::from_secs(2), "{}: {:?}", kind.name(), granted - dropped);
+        assert!(guard.fence() > first);
+        guard.release().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_gives_up_leaves_the_queue_and_costs_the_others_nothing() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(10);
+    for kind in fair_kinds() {
+        let key = key("gives-up");
+        let nodes = servers.urls();
+        let holder = Fair::connect(kind, &nodes, lease).await;
+        let mut held = holder.lock().lock(&key, within(Duration::from_secs(1))).await.unwrap();
+        // One times out, one has its lock future dropped (a cancelled request); both leave the queue.
+        // The clients outlive the waits: a client dropped with its waiter may not get the leave out (the waiter's
+        // entry then lapses with its liveness, as a dead waiter's does).
+        let timing_out = Arc::new(Fair::connect(kind, &nodes, lease).await);
+        let cancelled = Arc::new(Fair::connect(kind, &nodes, lease).await);
+        let patient = Fair::connect(kind, &nodes, lease).await;
+        let short = tokio::spawn({
+            let (key, lock) = (key.clone(), timing_out.clone());
+            async move { lock.lock().lock(&key, within(Duration::from_millis(800))).await.map(|_| ()) }
+        });
+        holder.until_queued(&key, 1).await;
+        let dropped = tokio::spawn({
+            let (key, lock) = (key.clone(), cancelled.clone());
+            async move { lock.lock().lock(&key, within(Duration::from_secs(30))).await.map(|_| ()) }
+        });
+        holder.until_queued(&key, 2).await;
+        let next = tokio::spawn({
+            let key = key.clone();
+            async move { patient.lock().lock(&key, within(Duration::from_secs(30))).await.map(|g| (g, Instant::now())) }
+        });
+        holder.until_queued(&key, 3).await;
+        assert!(matches!(short.await.unwrap(), Err(LockError::Timeout)), "{}", kind.name());
+        dropped.abort();
+        assert!(dropped.await.unwrap_err().is_cancelled());
+        holder.until_queued(&key, 1).await;
+        // Both are still within their liveness: had they stayed queued, each would be handed the lock and stall
+        // the patient one for an acceptance lease.
+        held.release().await.unwrap();
+        let released = Instant::now();
+        let (mut guard, granted) = next.await.unwrap().unwrap();
+        assert!(granted - released < Duration::from_millis(300), "{}: {:?}", kind.name(), granted - released);
+        guard.release().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_fair_holder_blocks_others_for_at_most_the_lease() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(1);
+    for kind in fair_kinds() {
+        let locks = [fair_dyn(kind, &servers.urls(), lease).await, fair_dyn(kind, &servers.urls(), lease).await];
+        dead_holder_blocks_for_at_most_the_lease(locks, lease).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_keeps_a_held_fair_lock_past_its_lease() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(1) else { return };
+    let lease = Duration::from_millis(600);
+    let one_node = servers.urls();
+    tokio::join!(
+        async {
+            let locks = [fair_dyn(Kind::Spin, &[], lease).await, fair_dyn(Kind::Spin, &[], lease).await];
+            watchdog_keeps_the_lock(locks, raw(URL).await, lease).await;
+        },
+        async {
+            let locks = [fair_dyn(Kind::PubSub, &[], lease).await, fair_dyn(Kind::PubSub, &[], lease).await];
+            watchdog_keeps_the_lock(locks, raw(URL).await, lease).await;
+        },
+        async {
+            let locks =
+                [fair_dyn(Kind::Redlock, &one_node, lease).await, fair_dyn(Kind::Redlock, &one_node, lease).await];
+            watchdog_keeps_the_lock(locks, raw(&one_node[0]).await, lease).await;
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fair_redlock_races_and_stays_exclusive_while_its_queue_node_is_down() {
+    let Some(mut servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(5);
+    let urls = servers.urls();
+    let up = fair_dyn(Kind::Redlock, &urls, lease).await;
+    servers.kill(0);
+    // Connecting with the queue node already down works too.
+    let locks = vec![up, fair_dyn(Kind::Redlock, &urls, lease).await];
+    let seen = contend(&locks, &key("queue-node-down"), 100, Arc::default()).await;
+    assert_exclusive(&seen, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_stock_strategy_over_fair_locks_serves_overlapping_orders_of_two_instances() {
+    if !redis_up() {
+        return;
+    }
+    let Some(servers) = Servers::start(3) else { return };
+    let lease = Duration::from_secs(5);
+    for kind in fair_kinds() {
+        // Two instances, as the service runs them, each with its own fair lock client.
+        let stocks = [
+            Arc::new(RedisLockStock::new(
+                fair_dyn(kind, &servers.urls(), lease).await,
+                Duration::from_secs(30),
+                PREFIX,
+            )),
+            Arc::new(RedisLockStock::new(
+                fair_dyn(kind, &servers.urls(), lease).await,
+                Duration::from_secs(30),
+                PREFIX,
+            )),
+        ];
+        let ids = options(3);
+        let inside: Arc<Vec<AtomicUsize>> = Arc::new((0..3).map(|_| AtomicUsize::new(0)).collect());
+        let orders: Vec<_> = (0..120)
+            .map(|i| {
+                let (stock, inside) = (stocks[i % 2].clone(), inside.clone());
+                // Orders of one, two or three options, overlapping: every pair of options is contended.
+                let picked: Vec<usize> = (0..3).filter(|o| (i + o) % 3 != 0 || i % 4 == 0).collect();
+                let lines: Vec<OrderLine> = picked.iter().map(|&o| line(ids[o])).collect();
+                tokio::spawn(async move {
+                    let permit = stock.admit(&[&lines]).await.unwrap().permit;
+                    for &o in &picked {
+                        assert_eq!(inside[o].fetch_add(1, Ordering::SeqCst), 0, "option {o} had two holders");
+                    }
+                    tokio::task::yield_now().await;
+                    for &o in &picked {
+                        inside[o].fetch_sub(1, Ordering::SeqCst);
+                    }
+                    drop(permit);
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        for order in orders {
+            order.await.unwrap();
+        }
+        eprintln!("fair {}: 120 overlapping orders over two instances in {:?}", kind.name(), started.elapsed());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_redlock_waiter_frozen_between_its_turn_and_the_lock_stalls_the_queue_for_the_acceptance_lease_only() {
+    let Some(servers) = Servers::start(3) else { return };
+    let (nodes, lease) = (servers.urls(), Duration::from_secs(10));
+    let key = key("frozen-with-turn");
+    // A racing client holds the lock, so the turn is free: the waiter in the other process takes it at once and
+    // then keeps asking the majority, turn in hand.
+    let racing = Redlock::connect(&nodes, lease).await.unwrap();
+    let mut held = racing.lock(&key, within(Duration::from_secs(1))).await.unwrap();
+    let mut process = child(Kind::Redlock, &nodes, &key);
+    let queue_node = raw(&nodes[0]).await;
+    let turn = format!("{{{key}}}:turn");
+    let started = Instant::now();
+    while queue_node.get::<Option<String>, _>(&turn).await.unwrap().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the other process never took its turn");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let waiter = Fair::connect(Kind::Redlock, &nodes, lease).await;
+    let next = tokio::spawn({
+        let key = key.clone();
+        async move { waiter.lock().lock(&key, within(Duration::from_secs(30))).await.map(|g| (g, Instant::now())) }
+    });
+    let probe = Fair::connect(Kind::Redlock, &nodes, lease).await;
+    probe.until_queued(&key, 1).await;
+    signal(&process, "-STOP");
+    held.release().await.unwrap();
+    let released = Instant::now();
+    let (mut guard, granted) = next.await.unwrap().unwrap();
+    let stall = granted - released;
+    eprintln!("fair redlock: a waiter frozen with its turn stalled the next for {stall:?}");
+    // Its turn lapses after the acceptance lease (500 ms), not the lock's lease (10 s).
+    assert!(stall < Duration::from_millis(1_250), "{stall:?}");
+    signal(&process, "-CONT");
+    guard.release().await.unwrap();
+    let status = tokio::task::spawn_blocking(move || process.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "the thawed client got the lock in the end");
 }

@@ -133,6 +133,9 @@ pub struct Settings {
     /// How long a Redis stock lock lives without renewal; a watchdog renews it every third of this while the
     /// order runs, so it only matters when the holder dies.
     pub lock_lease_ms: u64,
+    /// Whether the Redis locks hand over in arrival order (a queue in Redis, one waiter woken per release) or
+    /// let waiters race. Unset: `redis-pubsub` fair, `redis-spin` and `redis-redlock` racing.
+    pub lock_fair: Option<bool>,
     /// Retries of a whole order transaction after an optimistic conflict, before 503 `LOCK_TIMEOUT`.
     pub optimistic_max_retries: u32,
     /// How long an order waits for its stock locks (`local`, `redis-*`) before 503 `LOCK_TIMEOUT`, in
@@ -224,6 +227,7 @@ impl fmt::Debug for Settings {
             .field("redlock_urls", &self.redlock_urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("lock_lease_ms", &self.lock_lease_ms)
+            .field("lock_fair", &self.lock_fair)
             .field("optimistic_max_retries", &self.optimistic_max_retries)
             .field("lock_wait_ms", &self.lock_wait_ms)
             .field("order_batch_max", &self.order_batch_max)
@@ -312,6 +316,7 @@ impl Default for Settings {
             redlock_urls: Vec::new(),
             redis_key_prefix: "shop".to_owned(),
             lock_lease_ms: 10_000,
+            lock_fair: None,
             optimistic_max_retries: 50,
             lock_wait_ms: 5_000,
             order_batch_max: 128,

@@ -20,7 +20,7 @@ use shop_persistence::{
     SeaUnitOfWork, SeaUserRepository,
 };
 use shop_redis::{
-    OptimisticSettings, PubSubLock, RedisLockStock, RedisOptimisticStock, RedisThrottle, Redlock, SpinLock,
+    LockOptions, OptimisticSettings, PubSubLock, RedisLockStock, RedisOptimisticStock, RedisThrottle, Redlock, SpinLock,
 };
 
 use crate::config::{ConfigError, Settings, StockStrategy as StockStrategyName};
@@ -87,17 +87,20 @@ async fn stock_strategy(settings: &Settings, levels: Arc<dyn OrderRepository>) -
             StockWiring::plain(Arc::new(LocalLockStock::new(wait)))
         }
         StockStrategyName::RedisSpin => {
-            let lock = SpinLock::connect(&redis_url(), lease).await.map_err(redis_error)?;
+            let options = LockOptions { fair: settings.lock_fair.unwrap_or(false) };
+            let lock = SpinLock::connect_with(&redis_url(), lease, options).await.map_err(redis_error)?;
             let probe = lock.probe();
             StockWiring::redis(Arc::new(RedisLockStock::new(lock, wait, prefix())), probe)
         }
         StockStrategyName::RedisPubsub => {
-            let lock = PubSubLock::connect(&redis_url(), lease).await.map_err(redis_error)?;
+            let options = LockOptions { fair: settings.lock_fair.unwrap_or(true) };
+            let lock = PubSubLock::connect_with(&redis_url(), lease, options).await.map_err(redis_error)?;
             let probe = lock.probe();
             StockWiring::redis(Arc::new(RedisLockStock::new(lock, wait, prefix())), probe)
         }
         StockStrategyName::RedisRedlock => {
-            let lock = Redlock::connect(&settings.redlock_urls, lease).await.map_err(redis_error)?;
+            let options = LockOptions { fair: settings.lock_fair.unwrap_or(false) };
+            let lock = Redlock::connect_with(&settings.redlock_urls, lease, options).await.map_err(redis_error)?;
             let probe = lock.probe();
             StockWiring::redis(Arc::new(RedisLockStock::new(lock, wait, prefix())), probe)
         }

@@ -80,7 +80,12 @@ pub(crate) fn prefix() -> String {
 }
 
 /// Two instances over one fresh PostgreSQL database and the strategy's Redis.
-async fn cluster(strategy: StockStrategyName, nodes: Option<&RedisNodes>, batch: u32) -> Option<Vec<TestApp>> {
+async fn cluster(
+    strategy: StockStrategyName,
+    nodes: Option<&RedisNodes>,
+    batch: u32,
+    fair: Option<bool>,
+) -> Option<Vec<TestApp>> {
     if !redis_up().await {
         return None;
     }
@@ -93,6 +98,7 @@ async fn cluster(strategy: StockStrategyName, nodes: Option<&RedisNodes>, batch:
         s.db_max_connections = 16;
         s.lock_wait_ms = 30_000;
         s.order_batch_max = batch;
+        s.lock_fair = fair;
     })
     .await
 }
@@ -100,7 +106,16 @@ async fn cluster(strategy: StockStrategyName, nodes: Option<&RedisNodes>, batch:
 /// The races of [`races_over_instances`] over two instances sharing the strategy's Redis; afterwards every lock
 /// is free.
 async fn races_hold_over_two_instances(strategy: StockStrategyName, nodes: Option<&RedisNodes>, batch: u32) {
-    let Some(apps) = cluster(strategy, nodes, batch).await else { return };
+    races_hold_over_two_instances_with(strategy, nodes, batch, None).await;
+}
+
+async fn races_hold_over_two_instances_with(
+    strategy: StockStrategyName,
+    nodes: Option<&RedisNodes>,
+    batch: u32,
+    fair: Option<bool>,
+) {
+    let Some(apps) = cluster(strategy, nodes, batch, fair).await else { return };
     let apps: Vec<Arc<TestApp>> = apps.into_iter().map(Arc::new).collect();
     let app = &apps[0];
     let options = races_over_instances(&apps, &format!("{strategy:?} batch {batch}")).await;
@@ -162,6 +177,27 @@ async fn redis_redlock_orders_race_over_two_instances_one_by_one() {
     }
     let nodes = RedisNodes::start(3).await;
     races_hold_over_two_instances(StockStrategyName::RedisRedlock, Some(&nodes), 1).await;
+}
+
+/// The fair modes of the spin and Redlock locks (`SHOP_LOCK_FAIR=true`), and the pub/sub lock racing, hold the
+/// same races.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_spin_orders_race_over_two_instances_one_by_one() {
+    races_hold_over_two_instances_with(StockStrategyName::RedisSpin, None, 1, Some(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_pubsub_orders_race_over_two_instances_one_by_one() {
+    races_hold_over_two_instances_with(StockStrategyName::RedisPubsub, None, 1, Some(false)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_redlock_orders_race_over_two_instances() {
+    if !redis_up().await {
+        return;
+    }
+    let nodes = RedisNodes::start(3).await;
+    races_hold_over_two_instances_with(StockStrategyName::RedisRedlock, Some(&nodes), 128, Some(true)).await;
 }
 
 /// A holder whose lock expired while it was paused (its watchdog stopped, as in a long GC pause or a stopped
