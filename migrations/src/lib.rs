@@ -14,6 +14,7 @@ mod m20261125_000001_initial_schema;
 mod m20261125_000002_option_fence_token;
 mod m20261125_000003_idempotency_keys;
 mod m20261202_000004_accounts;
+mod m20261202_000005_upper_bounds;
 
 /// The ordered list of the shop's schema migrations.
 #[derive(Debug, Clone, Copy, Default)]
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000002_option_fence_token::Migration),
             Box::new(m20261125_000003_idempotency_keys::Migration),
             Box::new(m20261202_000004_accounts::Migration),
+            Box::new(m20261202_000005_upper_bounds::Migration),
         ]
     }
 }

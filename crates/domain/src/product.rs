@@ -72,15 +72,22 @@ impl Product {
     }
 }
 
-/// A product name (1..=200 characters) or an option name (1..=100), trimmed.
+/// A product name (1..=200 characters) or an option name (1..=100), trimmed, without control characters.
 fn bounded_text(raw: &str, field: &'static str, max: usize, too_long: &'static str) -> Result<String, InvalidValue> {
     let text = raw.trim();
+    if text.chars().any(char::is_control) {
+        return Err(InvalidValue::new(field, CONTROL_CHARACTERS));
+    }
     match text.chars().count() {
         0 => Err(InvalidValue::new(field, "must not be blank")),
         n if n <= max => Ok(text.to_owned()),
         _ => Err(InvalidValue::new(field, too_long)),
     }
 }
+
+/// Why text with control characters is refused: NUL is not storable on PostgreSQL, and none of them belongs in
+/// a name; one rule on every store.
+pub(crate) const CONTROL_CHARACTERS: &str = "must not contain control characters";
 
 /// An option as an admin creates it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +192,13 @@ mod tests {
             assert_eq!(s.as_str().parse::<ProductStatus>().unwrap(), s);
         }
         assert!("active".parse::<ProductStatus>().is_err());
+    }
+
+    #[test]
+    fn names_with_control_characters_are_refused() {
+        assert_eq!(NewOption::new("S\u{0}", 1000, 5).unwrap_err().field, "options[].name");
+        assert!(NewOption::new("tab\tbed", 1000, 5).is_err());
+        assert!(NewProduct::new("shirt\u{0}", ProductStatus::Active, vec![]).is_err());
     }
 
     #[test]

@@ -10,9 +10,12 @@ pub struct UserName(String);
 
 impl UserName {
     /// # Errors
-    /// [`InvalidValue`] when blank or longer than 50 characters.
+    /// [`InvalidValue`] when blank, longer than 50 characters or with control characters.
     pub fn new(raw: &str) -> Result<Self, InvalidValue> {
         let name = raw.trim();
+        if name.chars().any(char::is_control) {
+            return Err(InvalidValue::new("name", crate::product::CONTROL_CHARACTERS));
+        }
         match name.chars().count() {
             0 => Err(InvalidValue::new("name", "must not be blank")),
             1..=50 => Ok(Self(name.to_owned())),
@@ -102,6 +105,14 @@ mod tests {
         assert!(UserName::new("   ").is_err());
         assert!(UserName::new(&"가".repeat(50)).is_ok(), "50 characters, not bytes");
         assert!(UserName::new(&"a".repeat(51)).is_err());
+    }
+
+    #[test]
+    fn names_with_control_characters_are_refused() {
+        for raw in ["a\u{0}b", "a\nb", "a\u{7f}b", "\u{1b}[31mred"] {
+            let err = UserName::new(raw).unwrap_err();
+            assert_eq!((err.field, err.to_string().contains("control")), ("name", true), "{raw:?}");
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! RFC 9457 problem responses, and the one place where an error becomes an HTTP status and a stable `code`.
 
+use std::collections::BTreeMap;
+
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
@@ -32,6 +34,10 @@ pub struct Problem {
     /// The option at fault, for `OUT_OF_STOCK`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub product_option_id: Option<i64>,
+    /// Each dependency asked and its answer (`UP` or `DOWN`), for `NOT_READY`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<BTreeMap<String, String>>, example = json!({"database": "UP", "redis": "DOWN"}))]
+    pub checks: Option<BTreeMap<&'static str, &'static str>>,
 }
 
 /// Everything a handler can fail with: the domain's errors plus the few that only HTTP knows.
@@ -54,8 +60,9 @@ pub enum ApiError {
     RouteNotFound,
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    #[error("not ready: {0}")]
-    NotReady(String),
+    /// A dependency did not answer the readiness probe in time.
+    #[error("not ready: {detail}")]
+    NotReady { detail: String, checks: BTreeMap<&'static str, &'static str> },
 }
 
 impl From<InvalidValue> for ApiError {
@@ -219,6 +226,7 @@ pub fn domain_problem(error: &DomainError) -> Problem {
         code,
         field,
         product_option_id,
+        checks: None,
     }
 }
 
@@ -235,7 +243,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => {
                 entry(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "Payload too large")
             }
-            Self::NotReady(_) => entry(StatusCode::SERVICE_UNAVAILABLE, "NOT_READY", "Not ready"),
+            Self::NotReady { .. } => entry(StatusCode::SERVICE_UNAVAILABLE, "NOT_READY", "Not ready"),
         }
     }
 
@@ -257,6 +265,10 @@ impl ApiError {
                 _ => None,
             },
             product_option_id: None,
+            checks: match self {
+                Self::NotReady { checks, .. } => Some(checks.clone()),
+                _ => None,
+            },
         }
     }
 }
@@ -322,7 +334,10 @@ pub fn examples() -> Vec<Problem> {
         ApiError::AdminDisabled,
         ApiError::RouteNotFound,
         ApiError::PayloadTooLarge { limit: crate::extract::MAX_BODY_BYTES },
-        ApiError::NotReady("redis did not answer".into()),
+        ApiError::NotReady {
+            detail: "redis did not answer".into(),
+            checks: BTreeMap::from([("database", "UP"), ("redis", "DOWN")]),
+        },
     ];
     let domain = [
         user.map(DomainError::UserNotFound),

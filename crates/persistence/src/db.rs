@@ -12,16 +12,26 @@ pub struct PoolSettings {
     pub max_connections: u32,
     /// A request that cannot get a connection in this time fails instead of queueing forever.
     pub acquire_timeout: Duration,
+    /// PostgreSQL: the longest one statement may run (`statement_timeout` of every session).
+    pub statement_timeout: Duration,
+    /// The longest one statement may wait for a lock: PostgreSQL's `lock_timeout` of every session, SQLite's
+    /// busy timeout (how long a writer waits for another to finish before "database is locked").
+    pub lock_timeout: Duration,
 }
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        Self { max_connections: 16, acquire_timeout: Duration::from_secs(10) }
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(10),
+        }
     }
 }
 
-/// Opens a pool. SQLite gets WAL and a busy timeout so that writers on several connections queue instead of
-/// failing with "database is locked", and enforced foreign keys.
+/// Opens a pool. SQLite gets WAL and a busy timeout (the lock timeout) so that writers on several connections
+/// queue instead of failing with "database is locked" at once, and enforced foreign keys.
 ///
 /// # Errors
 /// The driver's error when the database cannot be reached or opened.
@@ -32,11 +42,20 @@ pub async fn connect(url: &str, pool: PoolSettings) -> Result<DatabaseConnection
         .min_connections(1)
         .acquire_timeout(pool.acquire_timeout)
         .sqlx_logging(false);
+    if url.starts_with("postgres") {
+        // Set at connect time on every session, so that no request waits on the database past its budget; a
+        // statement cut short answers 503, not a hung request.
+        let (statement, lock) =
+            (pool.statement_timeout.as_millis().to_string(), pool.lock_timeout.as_millis().to_string());
+        options.map_sqlx_postgres_opts(move |o| {
+            o.options([("statement_timeout", statement.as_str()), ("lock_timeout", lock.as_str())])
+        });
+    }
     if url.starts_with("sqlite:") {
-        options.map_sqlx_sqlite_opts(|o| {
+        options.map_sqlx_sqlite_opts(move |o| {
             o.journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(30))
+                .busy_timeout(pool.lock_timeout)
                 .foreign_keys(true)
                 .create_if_missing(true)
         });

@@ -178,4 +178,15 @@ impl OrderRepository for SeaOrderRepository {
             })
             .collect()
     }
+
+    async fn newest_order_id(&self) -> Result<Option<OrderId>, DomainError> {
+        let newest: Option<Option<i64>> = order::Entity::find()
+            .select_only()
+            .column_as(order::Column::Id.max(), "newest")
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(db)?;
+        newest.flatten().map(|id| OrderId::new(id).stored()).transpose()
+    }
 }

@@ -9,15 +9,16 @@ use sea_orm::{
     ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, JoinType, PaginatorTrait, QueryFilter, QueryOrder,
     QuerySelect, RelationTrait, Set, TransactionTrait,
 };
-use shop_domain::DomainError;
 use shop_domain::ids::{ProductId, ProductOptionId};
 use shop_domain::money::{Money, Stock};
+use shop_domain::order::OrderStatus;
 use shop_domain::page::{Page, PageRequest};
 use shop_domain::ports::ProductRepository;
 use shop_domain::product::{NewProduct, Product, ProductOption};
 use shop_domain::sales::{DateRange, PopularProduct, RankingLimit};
+use shop_domain::{DomainError, InvalidValue};
 
-use crate::entity::{daily_popular_product as daily, product, product_option};
+use crate::entity::{daily_popular_product as daily, order, order_item, product, product_option};
 use crate::error::{Stored, db};
 
 #[derive(Debug, Clone)]
@@ -147,6 +148,30 @@ impl ProductRepository for SeaProductRepository {
             .from(product::Entity)
             .and_where(product::Column::DeletedAt.is_null())
             .to_owned();
+        // Units held by unpaid orders come back to the row if those orders are cancelled: the count plus them
+        // must stay within what a read accepts.
+        let held: Option<Option<i64>> = order_item::Entity::find()
+            .select_only()
+            .column_as(
+                Expr::expr(Func::cast_as(
+                    Func::sum(Expr::col((order_item::Entity, order_item::Column::Quantity))),
+                    Alias::new("BIGINT"),
+                )),
+                "held",
+            )
+            .join(JoinType::InnerJoin, order_item::Relation::Order.def())
+            .filter(order_item::Column::ProductOptionId.eq(id.get()))
+            .filter(order::Column::Status.eq(OrderStatus::PendingPayment.as_str()))
+            .into_tuple()
+            .one(&self.db)
+            .await
+            .map_err(db)?;
+        let held = held.flatten().unwrap_or(0);
+        if stock.get().saturating_add(held) > Stock::MAX {
+            return Err(
+                InvalidValue::new("stock", "plus the units unpaid orders hold must be at most 1000000000").into()
+            );
+        }
         let updated = product_option::Entity::update_many()
             .col_expr(product_option::Column::Stock, Expr::value(stock.get()))
             // A new version makes any optimistic writer that read the old stock retry.

@@ -498,7 +498,7 @@ impl StockTx for SeaTransaction {
             .await
             .map_err(db)?;
         Ok(match newest {
-            Some(newest) if newest > fence => FencedWrite::Fenced,
+            Some(newest) if newest > fence => FencedWrite::Fenced { newest: u64::try_from(newest).unwrap_or(0) },
             _ => FencedWrite::OutOfStock,
         })
     }
@@ -509,8 +509,12 @@ impl StockTx for SeaTransaction {
         now: DateTime<Utc>,
     ) -> Result<(), DomainError> {
         for (option, n) in units {
+            // Clamped at what a read accepts: an admin count near the bound plus units coming back must not make
+            // the row unreadable (or fail the cancellation on the CHECK constraint).
+            let back = Expr::col(product_option::Column::Stock).add(*n);
+            let clamped = Expr::case(back.clone().gt(Stock::MAX), Expr::value(Stock::MAX)).finally(back);
             product_option::Entity::update_many()
-                .col_expr(product_option::Column::Stock, Expr::col(product_option::Column::Stock).add(*n))
+                .col_expr(product_option::Column::Stock, clamped.into())
                 .col_expr(product_option::Column::Version, Expr::col(product_option::Column::Version).add(1))
                 .col_expr(product_option::Column::UpdatedAt, Expr::value(now))
                 .filter(product_option::Column::Id.eq(option.get()))

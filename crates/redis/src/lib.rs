@@ -32,6 +32,13 @@
 //! - `scripts`: the Lua scripts (acquire, unlock, extend, raise-fence; the fair queue's acquire, release and leave)
 //!   and the keys they derive.
 //! - `node`: connecting a client with bounded timeouts; the single-node lease; waiting in a node's fair queue.
+//!
+//! # Bound to one database
+//! The stock keys (locks, fence counters, the mirror) live under [`stock_prefix`]: the deployment's prefix and
+//! the id of the database they describe (made once and kept in that database). A recreated database, or another
+//! one pointed at the same Redis and prefix, gets keys of its own instead of trusting what Redis holds for the
+//! old one; a database restored from an older backup keeps its id, and the mirror then notices that it is of a
+//! newer state ([`RedisOptimisticStock::check_against_database`]) and drops itself.
 
 pub mod lock;
 mod node;
@@ -52,3 +59,10 @@ pub use redlock::Redlock;
 pub use spin::SpinLock;
 pub use strategy::{RedisLockStock, option_lock_key};
 pub use throttle::RedisThrottle;
+
+/// The prefix of the stock keys of the database `deployment` (an id kept in that database) under the
+/// deployment's `prefix` (`SHOP_REDIS_KEY_PREFIX`).
+#[must_use]
+pub fn stock_prefix(prefix: &str, deployment: &str) -> String {
+    format!("{prefix}:{deployment}")
+}

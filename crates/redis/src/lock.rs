@@ -91,6 +91,10 @@ pub(crate) trait Lease: Send + Sync + 'static {
 
     /// Deletes the lock if the token still owns it and announces the release: whether it did.
     async fn release(&self, key: &str, token: &str) -> Result<bool, LockError>;
+
+    /// A new fence above `floor` for the token's lock (the counter fell behind a stock row: Redis lost it);
+    /// `None` when the token no longer owns the lock.
+    async fn refence(&self, key: &str, token: &str, floor: u64) -> Result<Option<u64>, LockError>;
 }
 
 /// A random 128-bit owner token: only the holder knows it, so only the holder's unlock or extend matches.
@@ -106,6 +110,8 @@ pub struct LockGuard {
     fence: u64,
     /// `None` once released or abandoned: makes release idempotent.
     lease: Option<Arc<dyn Lease>>,
+    /// How long the lock lives without renewal: an unlock that failed is retried for that long.
+    ttl: Duration,
     watchdog: Option<JoinHandle<()>>,
 }
 
@@ -114,7 +120,7 @@ impl LockGuard {
     /// renewals' worth of slack, so one slow or failed renewal does not let the lock expire under its holder.
     pub(crate) fn new(key: &str, token: String, fence: u64, lease: Duration, backend: Arc<dyn Lease>) -> Self {
         let watchdog = tokio::spawn(watchdog(backend.clone(), key.to_owned(), token.clone(), lease));
-        Self { key: key.to_owned(), token, fence, lease: Some(backend), watchdog: Some(watchdog) }
+        Self { key: key.to_owned(), token, fence, lease: Some(backend), ttl: lease, watchdog: Some(watchdog) }
     }
 
     #[must_use]
@@ -135,18 +141,40 @@ impl LockGuard {
         self.fence
     }
 
+    /// A fence above `floor` for this held lock, when a stock row refused this guard's fence because the
+    /// counter in Redis fell behind the row's last fence (Redis lost it: a restart without persistence, a
+    /// FLUSHALL). The counter is raised past the row's value and the next fence taken in one script, only while
+    /// this guard still owns the lock. That keeps a paused former holder unable to write: whatever fence it was
+    /// granted, the row refuses any fence below the last it accepted, and the new fence is above that.
+    ///
+    /// # Errors
+    /// [`LockError::Timeout`] when the lock is no longer this guard's (its lease ran out); [`LockError::Redis`].
+    pub async fn refence(&self, floor: u64) -> Result<u64, LockError> {
+        let lease = self.lease.as_ref().ok_or(LockError::Timeout)?;
+        lease.refence(&self.key, &self.token, floor).await?.ok_or(LockError::Timeout)
+    }
+
     /// Stops renewing and deletes the lock if this guard still owns it. Idempotent: later calls (and the drop)
     /// do nothing.
     ///
     /// # Errors
-    /// [`LockError::Redis`] when the unlock could not be sent; the lock then expires with its lease.
+    /// [`LockError::Redis`] when the unlock could not be sent; it is then retried in the background until it
+    /// succeeds or the lease would have run out (see [`retry_release`]).
     pub async fn release(&mut self) -> Result<(), LockError> {
         self.stop_watchdog();
         let Some(backend) = self.lease.take() else { return Ok(()) };
-        if !backend.release(&self.key, &self.token).await? {
-            tracing::warn!(key = %self.key, "lock was no longer ours at release: its lease had expired");
+        match backend.release(&self.key, &self.token).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::warn!(key = %self.key, "lock was no longer ours at release: its lease had expired");
+                Ok(())
+            }
+            Err(e) => {
+                let (key, token) = (self.key.clone(), self.token.clone());
+                tokio::spawn(retry_release(backend, key, token, Instant::now() + self.ttl));
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Stops renewing and forgets the lock without releasing it, as a holder that crashed would: it stays locked
@@ -173,9 +201,10 @@ impl Drop for LockGuard {
         let (key, token) = (std::mem::take(&mut self.key), std::mem::take(&mut self.token));
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
+                let give_up = Instant::now() + self.ttl;
                 runtime.spawn(async move {
-                    if let Err(e) = backend.release(&key, &token).await {
-                        tracing::warn!(%key, error = %e, "releasing a dropped lock failed; it expires with its lease");
+                    if backend.release(&key, &token).await.is_err() {
+                        retry_release(backend, key, token, give_up).await;
                     }
                 });
             }
@@ -193,6 +222,22 @@ impl fmt::Debug for LockGuard {
             .field("held", &self.lease.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// Retries an unlock that failed (Redis unreachable for a moment: a restart, a cut connection) until it goes
+/// through or `give_up` (when the lease, no longer renewed, runs out anyway). Without it, every order of the
+/// option would wait out the whole lease after Redis came back; with it, the lock is free as soon as the client
+/// has reconnected. Only the token's owner can unlock, so a late retry cannot free someone else's lock.
+async fn retry_release(backend: Arc<dyn Lease>, key: String, token: String, give_up: Instant) {
+    const EVERY: Duration = Duration::from_millis(100);
+    while Instant::now() + EVERY < give_up {
+        tokio::time::sleep(EVERY).await;
+        if backend.release(&key, &token).await.is_ok() {
+            tracing::info!(%key, "released a lock once Redis answered again");
+            return;
+        }
+    }
+    tracing::warn!(%key, "releasing a lock kept failing; it expires with its lease");
 }
 
 async fn watchdog(backend: Arc<dyn Lease>, key: String, token: String, lease: Duration) {
@@ -262,6 +307,10 @@ mod tests {
         async fn release(&self, _: &str, _: &str) -> Result<bool, LockError> {
             self.releases.fetch_add(1, Ordering::SeqCst);
             Ok(true)
+        }
+
+        async fn refence(&self, _: &str, _: &str, floor: u64) -> Result<Option<u64>, LockError> {
+            Ok(self.owned.load(Ordering::SeqCst).then_some(floor + 1))
         }
     }
 

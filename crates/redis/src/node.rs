@@ -85,6 +85,10 @@ impl Lease for SingleNode {
             None => scripts::unlock(&self.client, key, token).await,
         }
     }
+
+    async fn refence(&self, key: &str, token: &str, floor: u64) -> Result<Option<u64>, LockError> {
+        scripts::refence(&self.client, key, token, floor).await
+    }
 }
 
 /// How a queued waiter learns that the lock was handed to it.

@@ -38,6 +38,6 @@ impl Probe for RedisProbe {
         }
         let cause = answers.into_iter().find_map(Result::err);
         tracing::warn!(answered, needed, error = ?cause, "redis probe failed");
-        Err(DomainError::unexpected(LockError::NoQuorum { answered, needed, nodes: self.clients.len() }))
+        Err(DomainError::unavailable(LockError::NoQuorum { answered, needed, nodes: self.clients.len() }))
     }
 }

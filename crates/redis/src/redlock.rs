@@ -400,6 +400,10 @@ impl Lease for FairNodes {
         }
         released
     }
+
+    async fn refence(&self, key: &str, token: &str, floor: u64) -> Result<Option<u64>, LockError> {
+        self.nodes.refence(key, token, floor).await
+    }
 }
 
 /// The clients of the independent nodes.
@@ -484,6 +488,23 @@ impl Lease for Nodes {
             LockError::Timeout => Ok(false),
             unreachable => Err(unreachable),
         }
+    }
+
+    /// A new fence from a majority that still holds the lock: each raises its counter past `floor` and bumps it;
+    /// the largest answer is then raised on every node, as at a grant, so that the next majority reads it.
+    async fn refence(&self, key: &str, token: &str, floor: u64) -> Result<Option<u64>, LockError> {
+        let bumped = self.round(|client| async move { scripts::refence(&client, key, token, floor).await }).await;
+        if bumped.succeeded.len() < self.quorum() {
+            return match self.failure(bumped.errors) {
+                LockError::Timeout => Ok(None),
+                unreachable => Err(unreachable),
+            };
+        }
+        let fence = bumped.succeeded.iter().copied().max().unwrap_or(floor + 1);
+        let raised = self
+            .round(|client| async move { Ok(scripts::raise_fence(&client, key, token, fence).await?.then_some(())) })
+            .await;
+        if raised.succeeded.len() >= self.quorum() { Ok(Some(fence)) } else { Err(self.failure(raised.errors)) }
     }
 
     /// Released once a majority answered (nobody else can win before that); whether any node still held it.

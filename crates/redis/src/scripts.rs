@@ -87,6 +87,25 @@ return 1
     )
 });
 
+/// `KEYS[1]` lock, `KEYS[2]` fence counter; `ARGV[1]` owner token, `ARGV[2]` a floor (the stock row's newest
+/// fence). For a holder whose fence the row refused because the counter fell behind it (Redis lost the counter:
+/// a restart without persistence, a FLUSHALL): raises the counter to the floor and takes the next fence, only
+/// while the caller still owns the lock. The new fence, or 0 when the lock is no longer the caller's.
+pub(crate) static REFENCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+local floor = tonumber(ARGV[2])
+if tonumber(redis.call('GET', KEYS[2]) or '0') < floor then
+  redis.call('SET', KEYS[2], ARGV[2])
+end
+return redis.call('INCR', KEYS[2])
+",
+    )
+});
+
 /// Functions the fair scripts share. `KEYS[1]` lock, `KEYS[2]` fence counter, `KEYS[3]` queue (a list of waiter
 /// tokens, oldest first), `KEYS[4]` waiters (a hash from token to `"{liveness deadline ms}:{wake channel}"`).
 const FAIR_PRELUDE: &str = r"
@@ -217,7 +236,9 @@ return 0
 
 /// Loads every script, so that the first EVALSHA of a lock does not pay a NOSCRIPT round trip.
 pub(crate) async fn load_all(client: &Client) -> Result<(), fred::error::Error> {
-    for script in [&*ACQUIRE, &*UNLOCK, &*EXTEND, &*RAISE_FENCE, &*FAIR_ACQUIRE, &*FAIR_RELEASE, &*FAIR_LEAVE] {
+    for script in
+        [&*ACQUIRE, &*UNLOCK, &*EXTEND, &*RAISE_FENCE, &*REFENCE, &*FAIR_ACQUIRE, &*FAIR_RELEASE, &*FAIR_LEAVE]
+    {
         script.load(client).await?;
     }
     Ok(())
@@ -399,6 +420,15 @@ pub(crate) async fn extend(client: &Client, key: &str, token: &str, lease: Durat
         .evalsha_with_reload(client, vec![key.to_owned()], vec![token.to_owned(), millis(lease).to_string()])
         .await?;
     Ok(extended == 1)
+}
+
+/// Runs the refence script on one node: the holder's new fence, above `floor`; `None` when it no longer owns
+/// the lock there.
+pub(crate) async fn refence(client: &Client, key: &str, token: &str, floor: u64) -> Result<Option<u64>, LockError> {
+    let fence: i64 = REFENCE
+        .evalsha_with_reload(client, vec![key.to_owned(), fence_key(key)], vec![token.to_owned(), floor.to_string()])
+        .await?;
+    Ok(u64::try_from(fence).ok().filter(|f| *f > 0))
 }
 
 /// Runs the raise-fence script on one node: whether this token still owned the lock there (and the counter is

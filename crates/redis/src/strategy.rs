@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use shop_domain::DomainError;
 use shop_domain::order::OrderLine;
 use shop_domain::ports::stock::union_of;
-use shop_domain::ports::{Admission, StockPermit, StockStrategy};
+use shop_domain::ports::{Admission, FencedWrite, StockPermit, StockStrategy, StockTake, StockTx};
 use shop_domain::stock::{OptionLocks, OptionTurn};
 use tokio::time::Instant;
 
@@ -103,9 +104,57 @@ impl<L: DistributedLock> StockStrategy for RedisLockStock<L> {
                 }
                 // Dropping `held` releases what this batch took, so it keeps nobody out while it gives up.
                 Err(LockError::Timeout) => return Err(DomainError::LockTimeout { retry_after_secs: 1 }),
-                Err(other) => return Err(DomainError::unexpected(other)),
+                // Redis down or without a quorum: a dependency, not a bug.
+                Err(other) => return Err(DomainError::unavailable(other)),
             }
         }
         Ok(Admission::everyone(StockPermit::fenced(held, fences), orders.len()))
+    }
+
+    /// The conditional decrement with each option's fence, as the port's default, except when the row refuses a
+    /// fence because Redis lost its counter (a restart without persistence, a FLUSHALL: the counter starts over
+    /// below the row's last fence). Then the counter is raised past the row's value and a new fence taken for
+    /// the held lock (only while it is still held: see [`LockGuard::refence`]), and the write tried again at
+    /// once; without that, every order of the option would be refused until enough grants pushed the counter
+    /// past the row on their own. A holder whose lock has really passed on cannot refence, and stays refused.
+    async fn take(
+        &self,
+        tx: &mut dyn StockTx,
+        takes: &[StockTake],
+        permit: &StockPermit,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        for take in takes {
+            let option = take.row.option_id;
+            let mut fence = permit.fence(option)?;
+            let mut refenced = false;
+            loop {
+                match tx.decrement_stock(option, take.units, fence, now).await? {
+                    FencedWrite::Written => break,
+                    FencedWrite::OutOfStock => return Err(DomainError::WriteConflict),
+                    FencedWrite::Fenced { newest } if !refenced => {
+                        let key = option_lock_key(&self.prefix, option);
+                        let guard = permit
+                            .guard::<HeldLocks>()
+                            .and_then(|held| held.redis.iter().find(|g| g.key() == key))
+                            .ok_or(DomainError::StaleLock { option_id: option })?;
+                        match guard.refence(newest).await {
+                            Ok(repaired) => {
+                                tracing::warn!(
+                                    %key, stale = ?fence, row = newest, repaired,
+                                    "the fence counter was behind its stock row (Redis lost it); raised it"
+                                );
+                                fence = Some(repaired);
+                                refenced = true;
+                            }
+                            Err(LockError::Timeout) => return Err(DomainError::StaleLock { option_id: option }),
+                            Err(e) => return Err(DomainError::unavailable(e)),
+                        }
+                    }
+                    FencedWrite::Fenced { .. } => return Err(DomainError::StaleLock { option_id: option }),
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -1,9 +1,8 @@
 //! The binary's commands besides serving: `migrate`, and `reconcile` of the `redis-optimistic` stock mirror.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use shop_persistence::{PoolSettings, SeaOrderRepository};
+use shop_persistence::SeaOrderRepository;
 use shop_redis::ReconcileReport;
 
 use crate::config::{ConfigError, Settings, StockStrategy as StockStrategyName};
@@ -38,10 +37,11 @@ pub async fn reconcile(settings: &Settings) -> Result<ReconcileReport, StartupEr
         }
         .into());
     }
-    let pool =
-        PoolSettings { max_connections: 2, acquire_timeout: Duration::from_secs(settings.db_acquire_timeout_secs) };
-    let db = shop_persistence::connect(&settings.database_url, pool).await.map_err(StartupError::database(settings))?;
-    let mirror = wiring::redis_optimistic(settings, Arc::new(SeaOrderRepository::new(db.clone()))).await?;
+    let db = shop_persistence::connect(&settings.database_url, settings.pool(2))
+        .await
+        .map_err(StartupError::database(settings))?;
+    let prefix = wiring::stock_prefix(settings, &db, chrono::Utc::now()).await?;
+    let mirror = wiring::redis_optimistic(settings, Arc::new(SeaOrderRepository::new(db.clone())), prefix).await?;
     let report = mirror.reconcile().await.map_err(StartupError::Reconcile);
     db.close().await.ok();
     report

@@ -112,6 +112,13 @@ pub struct Settings {
     pub db_max_connections: u32,
     /// Seconds a request may wait for a pooled connection before it fails.
     pub db_acquire_timeout_secs: u64,
+    /// PostgreSQL: the longest one statement may run before it is cancelled (503).
+    #[serde(with = "duration_text")]
+    pub db_statement_timeout: Duration,
+    /// The longest one statement may wait for a lock before it gives up (503): PostgreSQL's `lock_timeout`,
+    /// SQLite's busy timeout.
+    #[serde(with = "duration_text")]
+    pub db_lock_timeout: Duration,
     /// HTTP worker threads; the number of cores when unset.
     pub http_workers: Option<usize>,
     /// How long an idle keep-alive connection stays open; behind a proxy that keeps connections to the service
@@ -219,6 +226,8 @@ impl fmt::Debug for Settings {
             .field("log_format", &self.log_format)
             .field("db_max_connections", &self.db_max_connections)
             .field("db_acquire_timeout_secs", &self.db_acquire_timeout_secs)
+            .field("db_statement_timeout", &self.db_statement_timeout)
+            .field("db_lock_timeout", &self.db_lock_timeout)
             .field("http_workers", &self.http_workers)
             .field("http_keep_alive", &self.http_keep_alive)
             .field("http_request_timeout", &self.http_request_timeout)
@@ -307,6 +316,8 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             db_max_connections: 16,
             db_acquire_timeout_secs: 10,
+            db_statement_timeout: Duration::from_secs(30),
+            db_lock_timeout: Duration::from_secs(10),
             http_workers: None,
             // actix-web's defaults.
             http_keep_alive: Duration::from_secs(5),
@@ -456,6 +467,17 @@ impl Settings {
             return Err(ConfigError::Invalid { key: "SHOP_LOCK_LEASE_MS", message: "must be at least 100".into() });
         }
         Ok(())
+    }
+
+    /// The pool these settings describe, with `max` connections.
+    #[must_use]
+    pub fn pool(&self, max: u32) -> shop_persistence::PoolSettings {
+        shop_persistence::PoolSettings {
+            max_connections: max,
+            acquire_timeout: Duration::from_secs(self.db_acquire_timeout_secs),
+            statement_timeout: self.db_statement_timeout,
+            lock_timeout: self.db_lock_timeout,
+        }
     }
 
     /// What serving needs beyond [`Settings::validate`] (the other commands sign no tokens).

@@ -2,7 +2,6 @@
 //! tests spawn (on port 0, with a clock of their own).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web::HttpServer;
 use actix_web::dev::{Server, ServerHandle};
@@ -11,7 +10,6 @@ use shop_domain::DomainError;
 use shop_domain::auth::Password;
 use shop_domain::ports::{Clock, PasswordHasher};
 use shop_domain::services::{IdempotencyService, OrderService};
-use shop_persistence::PoolSettings;
 use tokio::task::JoinHandle;
 
 use crate::config::{self, ConfigError, Settings, StockStrategy as StockStrategyName};
@@ -48,11 +46,9 @@ impl StartupError {
 /// # Errors
 /// [`StartupError::Database`] when the database cannot be reached or migrated.
 pub async fn connect_and_migrate(settings: &Settings) -> Result<DatabaseConnection, StartupError> {
-    let pool = PoolSettings {
-        max_connections: settings.db_max_connections,
-        acquire_timeout: Duration::from_secs(settings.db_acquire_timeout_secs),
-    };
-    let db = shop_persistence::connect(&settings.database_url, pool).await.map_err(StartupError::database(settings))?;
+    let db = shop_persistence::connect(&settings.database_url, settings.pool(settings.db_max_connections))
+        .await
+        .map_err(StartupError::database(settings))?;
     shop_persistence::migrate(&db, &settings.database_url).await.map_err(StartupError::database(settings))?;
     Ok(db)
 }
@@ -101,6 +97,7 @@ pub struct Application {
     db: DatabaseConnection,
     orders: OrderService,
     idempotency: IdempotencyService,
+    stock_prefix: String,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -125,7 +122,8 @@ impl Application {
         }
         let events = BroadcastPublisher::new(1024);
         let mut background = vec![tokio::spawn(events::log_events(events.subscribe()))];
-        let (state, mirror) = wiring::wire(&settings, &db, clock, Arc::new(events), hasher).await?;
+        let wiring::Wired { state, mirror, stock_prefix } =
+            wiring::wire(&settings, &db, clock, Arc::new(events), hasher).await?;
         background.push(tokio::spawn(background::sweep(
             state.orders.clone(),
             state.idempotency.clone(),
@@ -158,7 +156,7 @@ impl Application {
             addr = %settings.http_addr, port, strategy = %settings.stock_strategy,
             "listening; Swagger UI at /swagger-ui/"
         );
-        Ok(Self { server: server.run(), port, db, orders, idempotency, background })
+        Ok(Self { server: server.run(), port, db, orders, idempotency, stock_prefix, background })
     }
 
     #[must_use]
@@ -170,6 +168,13 @@ impl Application {
     #[must_use]
     pub fn handle(&self) -> ServerHandle {
         self.server.handle()
+    }
+
+    /// The prefix of this database's stock keys in Redis (locks, fences, the mirror): the configured prefix and
+    /// the database's id.
+    #[must_use]
+    pub fn stock_key_prefix(&self) -> &str {
+        &self.stock_prefix
     }
 
     /// The pool the application uses, for tests that look at the rows behind an answer.

@@ -16,8 +16,8 @@ use shop_domain::services::{
 use shop_domain::stock::{ConditionalStock, LocalLockStock, OptimisticStock, PessimisticStock};
 use shop_http::AppState;
 use shop_persistence::{
-    DatabaseProbe, SeaCartRepository, SeaIdempotencyStore, SeaOrderRepository, SeaProductRepository, SeaSessionStore,
-    SeaUnitOfWork, SeaUserRepository,
+    DatabaseProbe, PoolSettings, SeaCartRepository, SeaIdempotencyStore, SeaOrderRepository, SeaProductRepository,
+    SeaSessionStore, SeaUnitOfWork, SeaUserRepository,
 };
 use shop_redis::{
     LockOptions, OptimisticSettings, PubSubLock, RedisLockStock, RedisOptimisticStock, RedisThrottle, Redlock, SpinLock,
@@ -55,23 +55,45 @@ impl StockWiring {
 pub(crate) async fn redis_optimistic(
     settings: &Settings,
     levels: Arc<dyn OrderRepository>,
+    prefix: String,
 ) -> Result<RedisOptimisticStock, StartupError> {
     let optimistic = OptimisticSettings {
-        prefix: settings.redis_key_prefix.clone(),
+        prefix,
         max_retries: settings.optimistic_max_retries,
         wait: Duration::from_millis(settings.lock_wait_ms),
     };
-    RedisOptimisticStock::connect(settings.redis_url.as_deref().unwrap_or_default(), levels, optimistic)
+    let stock = RedisOptimisticStock::connect(settings.redis_url.as_deref().unwrap_or_default(), levels, optimistic)
         .await
-        .map_err(|source| StartupError::Redis { strategy: settings.stock_strategy, source })
+        .map_err(|source| StartupError::Redis { strategy: settings.stock_strategy, source })?;
+    // A mirror of a newer state than the database (restored from a backup) is dropped before any order trusts it.
+    stock.check_against_database().await.map_err(StartupError::Reconcile)?;
+    Ok(stock)
 }
 
-async fn stock_strategy(settings: &Settings, levels: Arc<dyn OrderRepository>) -> Result<StockWiring, StartupError> {
+/// The prefix of the stock keys in Redis: the configured prefix and the id of this database, made on its first
+/// start and kept in it, so that keys left by another or a recreated database are never read as this one's.
+pub(crate) async fn stock_prefix(
+    settings: &Settings,
+    db: &DatabaseConnection,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<String, StartupError> {
+    let make = || uuid::Uuid::new_v4().simple().to_string();
+    let deployment = shop_persistence::stored_secret(db, "deployment_id", make, now)
+        .await
+        .map_err(StartupError::database(settings))?;
+    Ok(shop_redis::stock_prefix(&settings.redis_key_prefix, &deployment))
+}
+
+async fn stock_strategy(
+    settings: &Settings,
+    levels: Arc<dyn OrderRepository>,
+    stock_prefix: &str,
+) -> Result<StockWiring, StartupError> {
     let wait = Duration::from_millis(settings.lock_wait_ms);
     let lease = Duration::from_millis(settings.lock_lease_ms);
     let redis_error = |source: shop_redis::LockError| StartupError::Redis { strategy: settings.stock_strategy, source };
     let redis_url = || settings.redis_url.clone().unwrap_or_default();
-    let prefix = || settings.redis_key_prefix.clone();
+    let prefix = || stock_prefix.to_owned();
     Ok(match settings.stock_strategy {
         StockStrategyName::Conditional => StockWiring::plain(Arc::new(ConditionalStock)),
         StockStrategyName::Pessimistic => StockWiring::plain(Arc::new(PessimisticStock)),
@@ -105,12 +127,24 @@ async fn stock_strategy(settings: &Settings, levels: Arc<dyn OrderRepository>) -
             StockWiring::redis(Arc::new(RedisLockStock::new(lock, wait, prefix())), probe)
         }
         StockStrategyName::RedisOptimistic => {
-            let stock = redis_optimistic(settings, levels).await?;
+            let stock = redis_optimistic(settings, levels, prefix()).await?;
             let mut wiring = StockWiring::redis(Arc::new(stock.clone()), stock.probe());
             wiring.mirror = Some(stock);
             wiring
         }
     })
+}
+
+/// A pool of its own for `/health/ready`: under a sale the main pool may be busy for seconds, and a balancer
+/// asking whether the database is up must learn it in well under a second, not after a pool wait.
+async fn readiness_pool(settings: &Settings) -> Result<DatabaseConnection, StartupError> {
+    let pool = PoolSettings {
+        max_connections: 1,
+        acquire_timeout: Duration::from_secs(1),
+        statement_timeout: Duration::from_secs(1),
+        lock_timeout: Duration::from_secs(1),
+    };
+    shop_persistence::connect(&settings.database_url, pool).await.map_err(StartupError::database(settings))
 }
 
 /// The password hasher the settings describe.
@@ -160,6 +194,15 @@ async fn throttle(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<dyn 
     Ok(Arc::new(local))
 }
 
+/// What [`wire`] builds.
+pub(crate) struct Wired {
+    pub state: AppState,
+    /// The stock mirror, when the strategy keeps one.
+    pub mirror: Option<RedisOptimisticStock>,
+    /// The prefix of this database's stock keys in Redis.
+    pub stock_prefix: String,
+}
+
 /// Every use case on the adapters the settings choose, and the stock mirror when the strategy keeps one.
 pub(crate) async fn wire(
     settings: &Settings,
@@ -167,14 +210,16 @@ pub(crate) async fn wire(
     clock: Arc<dyn Clock>,
     events: Arc<BroadcastPublisher>,
     hasher: Arc<dyn PasswordHasher>,
-) -> Result<(AppState, Option<RedisOptimisticStock>), StartupError> {
+) -> Result<Wired, StartupError> {
     let orders = Arc::new(SeaOrderRepository::new(db.clone()));
-    let StockWiring { strategy: stock, probe: stock_probe, mirror } = stock_strategy(settings, orders.clone()).await?;
+    let stock_prefix = stock_prefix(settings, db, clock.now()).await?;
+    let StockWiring { strategy: stock, probe: stock_probe, mirror } =
+        stock_strategy(settings, orders.clone(), &stock_prefix).await?;
     let stock_mirror: Arc<dyn StockMirror> = match &mirror {
         Some(mirror) => Arc::new(mirror.clone()),
         None => Arc::new(NoStockMirror),
     };
-    let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(DatabaseProbe::new(db.clone()))];
+    let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(DatabaseProbe::new(readiness_pool(settings).await?))];
     probes.extend(stock_probe);
     let users = Arc::new(SeaUserRepository::new(db.clone()));
     let products = Arc::new(SeaProductRepository::new(db.clone()));
@@ -222,5 +267,5 @@ pub(crate) async fn wire(
         admin_token: settings.admin_token.as_deref().map(Arc::from),
         probes,
     };
-    Ok((state, mirror))
+    Ok(Wired { state, mirror, stock_prefix })
 }

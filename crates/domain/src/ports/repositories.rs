@@ -102,6 +102,10 @@ pub trait OrderRepository: Send + Sync {
 
     /// The current stock of these options, read in one statement without any lock.
     async fn stock_levels(&self, ids: &[ProductOptionId]) -> Result<Vec<StockRow>, DomainError>;
+
+    /// The id of the newest order committed, `None` before the first: orders are never deleted once committed,
+    /// so it only grows, and a copy of the database restored from an older backup has a smaller one.
+    async fn newest_order_id(&self) -> Result<Option<OrderId>, DomainError>;
 }
 
 /// Where idempotency keys live. Claims and releases run in short transactions of their own.

@@ -27,8 +27,10 @@ pub enum FencedWrite {
     Written,
     /// The row no longer holds the units.
     OutOfStock,
-    /// The row has accepted a newer fencing token: this holder's lock is stale.
-    Fenced,
+    /// The row has accepted a newer fencing token (`newest`): this holder's token is stale.
+    Fenced {
+        newest: u64,
+    },
 }
 
 /// An option's stock and the version that optimistic writers compare.
@@ -83,6 +85,12 @@ impl StockPermit {
             Some(Err(other)) => Err(Self { guard: Some(other), fences: self.fences }),
             None => Err(Self { guard: None, fences: self.fences }),
         }
+    }
+
+    /// The guard this permit holds, if it is a `T`.
+    #[must_use]
+    pub fn guard<T: Any>(&self) -> Option<&T> {
+        self.guard.as_ref().and_then(|guard| guard.downcast_ref::<T>())
     }
 
     /// Whether this permit holds something taken outside the database (a lock, a reservation).
@@ -199,7 +207,7 @@ pub trait StockStrategy: Send + Sync {
             match tx.decrement_stock(option, take.units, permit.fence(option)?, now).await? {
                 FencedWrite::Written => {}
                 FencedWrite::OutOfStock => return Err(DomainError::WriteConflict),
-                FencedWrite::Fenced => return Err(DomainError::StaleLock { option_id: option }),
+                FencedWrite::Fenced { .. } => return Err(DomainError::StaleLock { option_id: option }),
             }
         }
         Ok(())
@@ -292,7 +300,7 @@ mod tests {
             .returning(|_, _, _, _| Ok(FencedWrite::Written));
         tx.expect_decrement_stock()
             .withf(|id, _, fence, _| (id.get(), *fence) == (2, Some(7)))
-            .returning(|_, _, _, _| Ok(FencedWrite::Fenced));
+            .returning(|_, _, _, _| Ok(FencedWrite::Fenced { newest: 9 }));
         let err = Default.take(&mut tx, &[take(1, 3), take(2, 1)], &permit, Utc::now()).await.unwrap_err();
         assert!(matches!(err, DomainError::StaleLock { option_id } if option_id.get() == 2));
     }

@@ -35,6 +35,12 @@ pub fn stock_holds_key(prefix: &str, option_id: ProductOptionId) -> String {
     format!("{}:holds", stock_mirror_key(prefix, option_id))
 }
 
+/// The Redis key of the newest order id the mirror has known its database to hold: a copy of the database
+/// restored from an older backup has a smaller one, and its mirror (of a newer state) is then dropped.
+pub(crate) fn newest_order_key(prefix: &str) -> String {
+    format!("{{{prefix}}}:stock:newest-order")
+}
+
 /// The `SCAN MATCH` pattern of every mirror and holds key of `prefix` (glob characters in it escaped).
 pub(crate) fn scan_pattern(prefix: &str) -> String {
     let mut escaped = String::with_capacity(prefix.len());
@@ -163,9 +169,29 @@ return 0
     )
 });
 
+/// `KEYS[1]` the newest-order mark; `ARGV[1]` an order id the database holds: raises the mark to it, never
+/// lowers it (instances that read the database at different moments agree on the largest).
+static RAISE_MARK: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r"
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 0
+",
+    )
+});
+
+/// Runs [`RAISE_MARK`].
+pub(crate) async fn raise_mark(client: &Client, prefix: &str, newest: i64) -> Result<(), LockError> {
+    let _: i64 =
+        RAISE_MARK.evalsha_with_reload(client, vec![newest_order_key(prefix)], vec![newest.to_string()]).await?;
+    Ok(())
+}
+
 /// Loads every script, so that the first use does not pay a NOSCRIPT round trip.
 pub(crate) async fn load_all(client: &Client) -> Result<(), fred::error::Error> {
-    for script in [&*LOAD, &*SET_COUNT, &*RELEASE, &*RETURNED] {
+    for script in [&*LOAD, &*SET_COUNT, &*RELEASE, &*RETURNED, &*RAISE_MARK] {
         script.load(client).await?;
     }
     Ok(())

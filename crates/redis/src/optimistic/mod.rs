@@ -60,6 +60,7 @@ use async_trait::async_trait;
 use fred::clients::ExclusivePool;
 use fred::prelude::{Client, ClientLike, HashesInterface, KeysInterface, TransactionInterface};
 use fred::types::Value;
+use futures::TryStreamExt;
 use shop_domain::DomainError;
 use shop_domain::ids::ProductOptionId;
 use shop_domain::money::Stock;
@@ -205,11 +206,48 @@ impl RedisOptimisticStock {
         Ok(self.inner.client.get(stock_mirror_key(&self.inner.prefix, option_id)).await?)
     }
 
+    /// Makes sure the mirror is not of a newer state of the database than the database holds (the database was
+    /// restored from an older backup under a Redis that kept running): then every mirror and holds key is
+    /// dropped, and each option reloads from the database on its next order. Whether it dropped them.
+    ///
+    /// The mark is read before the database, so a mark above the database's newest order was set from a state
+    /// that the database no longer has; orders committed meanwhile only make the database's newer.
+    ///
+    /// # Errors
+    /// [`DomainError::Unavailable`] when Redis or the database does not answer.
+    pub async fn check_against_database(&self) -> Result<bool, DomainError> {
+        let inner = &self.inner;
+        let mark: Option<i64> = inner.client.get(mirror::newest_order_key(&inner.prefix)).await.map_err(redis_error)?;
+        let newest = inner.levels.newest_order_id().await?.map_or(0, |id| id.get());
+        let older = mark.is_some_and(|mark| mark > newest);
+        if older {
+            let keys: Vec<fred::types::Key> = inner
+                .client
+                .scan_buffered(mirror::scan_pattern(&inner.prefix), Some(500), None)
+                .try_collect()
+                .await
+                .map_err(redis_error)?;
+            for chunk in keys.chunks(500) {
+                let _: i64 = inner.client.del(chunk.to_vec()).await.map_err(redis_error)?;
+            }
+            let _: i64 = inner.client.del(mirror::newest_order_key(&inner.prefix)).await.map_err(redis_error)?;
+            tracing::warn!(
+                mark,
+                newest,
+                dropped = keys.len(),
+                "the stock mirror is of a newer state than its database (restored from a backup?): dropped, it reloads"
+            );
+        }
+        mirror::raise_mark(&inner.client, &inner.prefix, newest).await.map_err(lock_error)?;
+        Ok(older)
+    }
+
     /// Compares every mirrored option with the database and repairs what drifted; see the module documentation.
     ///
     /// # Errors
     /// [`DomainError::Unexpected`] when Redis or the database failed (what was repaired before stays).
     pub async fn reconcile(&self) -> Result<ReconcileReport, DomainError> {
+        self.check_against_database().await?;
         reconcile::run(&self.inner).await
     }
 }
@@ -276,7 +314,7 @@ impl Inner {
                 Attempt::Missing(missing) => {
                     loads += 1;
                     if loads > MAX_LOADS {
-                        return Err(DomainError::unexpected("the stock mirror keeps disappearing from Redis"));
+                        return Err(DomainError::unavailable("the stock mirror keeps disappearing from Redis"));
                     }
                     unknown.extend(self.load(&missing).await?);
                 }
@@ -415,12 +453,13 @@ impl std::fmt::Debug for Reservation {
     }
 }
 
+/// Redis failing (down, timing out) is a dependency that is unavailable, not a bug.
 fn redis_error(e: fred::error::Error) -> DomainError {
-    DomainError::unexpected(LockError::Redis(e))
+    DomainError::unavailable(LockError::Redis(e))
 }
 
 fn lock_error(e: LockError) -> DomainError {
-    DomainError::unexpected(e)
+    DomainError::unavailable(e)
 }
 
 #[async_trait]

@@ -26,10 +26,10 @@ async fn a_write_under_an_older_token_is_refused(app: TestApp) {
         }
     };
     assert_eq!(write(5, one).await, FencedWrite::Written);
-    assert_eq!(write(3, one).await, FencedWrite::Fenced, "a holder whose lock passed on is refused");
+    assert_eq!(write(3, one).await, FencedWrite::Fenced { newest: 5 }, "a holder whose lock passed on is refused");
     assert_eq!(write(5, one).await, FencedWrite::Written, "the same hold may write again");
     assert_eq!(write(6, 5).await, FencedWrite::OutOfStock);
-    assert_eq!(write(4, 5).await, FencedWrite::Fenced, "the fence is reported first");
+    assert_eq!(write(4, 5).await, FencedWrite::Fenced { newest: 5 }, "the fence is reported first");
     assert_eq!(app.scalar(&format!("SELECT stock FROM product_options WHERE id = {option}")).await, 1);
     assert_eq!(app.scalar(&format!("SELECT fence_token FROM product_options WHERE id = {option}")).await, 5);
 }

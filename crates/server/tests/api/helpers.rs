@@ -72,6 +72,8 @@ pub struct TestApp {
     pub orders: OrderService,
     /// The idempotency use case as wired, to run the purge on demand.
     pub idempotency: IdempotencyService,
+    /// The prefix of the stock keys in Redis (locks, fences, the mirror): the configured one and the database's id.
+    pub stock_prefix: String,
     pub strategy: StockStrategyName,
     /// The settings it was built with (its database URL, strategy ...).
     pub settings: Settings,
@@ -178,6 +180,7 @@ impl TestApp {
         let db = app.database();
         let orders = app.orders();
         let idempotency = app.idempotency();
+        let stock_prefix = app.stock_key_prefix().to_owned();
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
         // The server closes a keep-alive connection after 5 s idle (actix's default); a client that reuses one
@@ -188,7 +191,20 @@ impl TestApp {
             .pool_idle_timeout(Duration::from_secs(2))
             .build()
             .expect("client");
-        Self { base, client, db, store, orders, idempotency, strategy, settings, clock, handle, _backing: backing }
+        Self {
+            base,
+            client,
+            db,
+            store,
+            orders,
+            idempotency,
+            stock_prefix,
+            strategy,
+            settings,
+            clock,
+            handle,
+            _backing: backing,
+        }
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {

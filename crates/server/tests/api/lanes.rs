@@ -55,7 +55,7 @@ impl Block {
             _ => None,
         };
         if let Some(lock) = lock {
-            let key = option_lock_key(&app.settings.redis_key_prefix, ProductOptionId::new(option).unwrap());
+            let key = option_lock_key(&app.stock_prefix, ProductOptionId::new(option).unwrap());
             return Self::Lock(lock.lock(&key, tokio::time::Instant::now() + Duration::from_secs(5)).await.unwrap());
         }
         let tx = app.db.begin().await.unwrap();

@@ -121,7 +121,7 @@ async fn races_hold_over_two_instances_with(
     let options = races_over_instances(&apps, &format!("{strategy:?} batch {batch}")).await;
     // Every lock was released after its commit: nothing of this test is left locked.
     for option in options {
-        let key = option_lock_key(&app.settings.redis_key_prefix, ProductOptionId::new(option).unwrap());
+        let key = option_lock_key(&app.stock_prefix, ProductOptionId::new(option).unwrap());
         let held = SpinLock::connect(nodes.map_or(REDIS, |n| n.urls[0].as_str()), Duration::from_secs(1))
             .await
             .unwrap()
@@ -266,7 +266,7 @@ async fn a_lock_wait_that_runs_out_is_503_with_retry_after() {
     let option = app.product("held", &[("one", 1, 5)]).await["options"][0]["id"].as_i64().unwrap();
     let user = app.user("kim").await;
     let blocker = SpinLock::connect(REDIS, Duration::from_secs(10)).await.unwrap();
-    let key = option_lock_key(&app.settings.redis_key_prefix, ProductOptionId::new(option).unwrap());
+    let key = option_lock_key(&app.stock_prefix, ProductOptionId::new(option).unwrap());
     let mut held = blocker.lock(&key, tokio::time::Instant::now() + Duration::from_secs(5)).await.unwrap();
     let r = app
         .post_as(user, "/api/v1/orders", json!({"userId": user, "items": [{"productOptionId": option, "quantity": 1}]}))

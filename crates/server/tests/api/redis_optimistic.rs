@@ -49,12 +49,12 @@ fn one(option: i64, quantity: i64) -> OrderLine {
 
 /// The application's mirror of an option (`None`: not loaded).
 async fn mirror(redis: &Client, app: &TestApp, option: i64) -> Option<i64> {
-    redis.get(stock_mirror_key(&app.settings.redis_key_prefix, option_id(option))).await.unwrap()
+    redis.get(stock_mirror_key(&app.stock_prefix, option_id(option))).await.unwrap()
 }
 
 /// The option's reservations in flight.
 async fn holds(redis: &Client, app: &TestApp, option: i64) -> HashMap<String, i64> {
-    redis.hgetall(stock_holds_key(&app.settings.redis_key_prefix, option_id(option))).await.unwrap()
+    redis.hgetall(stock_holds_key(&app.stock_prefix, option_id(option))).await.unwrap()
 }
 
 async fn stock(app: &TestApp, option: i64) -> i64 {
@@ -103,11 +103,7 @@ async fn strategy(app: &TestApp, max_retries: u32) -> RedisOptimisticStock {
     RedisOptimisticStock::connect(
         app.settings.redis_url.as_deref().unwrap(),
         Arc::new(SeaOrderRepository::new(app.db.clone())),
-        OptimisticSettings {
-            prefix: app.settings.redis_key_prefix.clone(),
-            max_retries,
-            wait: Duration::from_secs(30),
-        },
+        OptimisticSettings { prefix: app.stock_prefix.clone(), max_retries, wait: Duration::from_secs(30) },
     )
     .await
     .unwrap()
@@ -300,7 +296,7 @@ async fn reconcile_repairs_a_hand_made_drift_and_reports_it() {
     for option in [a, b, c] {
         assert_eq!(order(&app, user, option, 1).await.status, 201);
     }
-    let prefix = app.settings.redis_key_prefix.clone();
+    let prefix = app.stock_prefix.clone();
     let now_ms = i64::try_from(std::time::SystemTime::UNIX_EPOCH.elapsed().unwrap().as_millis()).unwrap();
     // a: skewed by hand.
     let () = redis.set(stock_mirror_key(&prefix, option_id(a)), 3, None, None, false).await.unwrap();
@@ -319,7 +315,7 @@ async fn reconcile_repairs_a_hand_made_drift_and_reports_it() {
             .env("SHOP_DATABASE_URL", &app.settings.database_url)
             .env("SHOP_STOCK_STRATEGY", strategy)
             .env("SHOP_REDIS_URL", REDIS)
-            .env("SHOP_REDIS_KEY_PREFIX", &prefix)
+            .env("SHOP_REDIS_KEY_PREFIX", &app.settings.redis_key_prefix)
             .env("RUST_LOG", "error")
             .output()
             .unwrap()
@@ -362,7 +358,7 @@ async fn an_exec_aborted_past_the_retries_is_503_with_retry_after() {
     let option = app.product("drop", &[("one", 1, 10)]).await["options"][0]["id"].as_i64().unwrap();
     let user = app.users(1, 0).await[0];
     assert_eq!(order(&app, user, option, 1).await.status, 201, "the mirror is loaded");
-    let key = stock_mirror_key(&app.settings.redis_key_prefix, option_id(option));
+    let key = stock_mirror_key(&app.stock_prefix, option_id(option));
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();

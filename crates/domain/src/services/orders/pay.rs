@@ -52,6 +52,8 @@ impl Core {
         }
         let outcomes = match self.commit_payments_retrying(&batch).await {
             Ok(outcomes) => outcomes,
+            // A dependency that is down fails every order alike: one by one would only multiply the wait.
+            Err(e @ DomainError::Unavailable { .. }) => batch.iter().map(|_| Err(e.replicate())).collect(),
             Err(e) if batch.len() > 1 => {
                 bump(&self.stats.batch_splits, 1);
                 tracing::warn!(size = batch.len(), error = %e, "a payment batch failed; paying its orders one by one");

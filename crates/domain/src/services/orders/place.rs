@@ -208,10 +208,13 @@ impl Core {
         fit
     }
 
-    /// The batch in one transaction; if that fails for any reason but a lost race, each order alone.
+    /// The batch in one transaction; if that fails for any reason but a lost race or a dependency that is down,
+    /// each order alone.
     async fn commit_isolating(&self, batch: &[ValidOrder], permit: &StockPermit) -> Vec<Result<Order, DomainError>> {
         match self.commit_retrying(batch, permit).await {
             Ok(outcomes) => outcomes,
+            // A dependency that is down fails every order alike: one by one would only multiply the wait.
+            Err(e @ DomainError::Unavailable { .. }) => batch.iter().map(|_| Err(e.replicate())).collect(),
             Err(e) if batch.len() > 1 => {
                 bump(&self.stats.batch_splits, 1);
                 tracing::warn!(size = batch.len(), error = %e, "an order batch failed; committing its orders one by one");
