@@ -53,7 +53,12 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Asked by `/health/ready`.
     pub probes: Vec<Arc<dyn Probe>>,
+    /// The Prometheus text of `/metrics` (the server owns the recorder).
+    pub metrics: RenderMetrics,
 }
+
+/// Renders the metrics of the process in the Prometheus text format.
+pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -283,12 +283,33 @@ fn comma_list<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D:
 /// `scheme://user:secret@host` -> `scheme://user:***@host`.
 #[must_use]
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((credentials, host)) = rest.split_once('@') else { return url.to_owned() };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    redact_urls(url)
+}
+
+/// Every URL's password in `text` replaced by `***` (`scheme://user:secret@host` -> `scheme://user:***@host`),
+/// wherever the URL sits in the text: what the log writer does to every line.
+#[must_use]
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        // The authority ends where a path, query, fragment, quote or blank begins.
+        let end = after.find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`' | '>') || c.is_whitespace());
+        let authority = &after[..end.unwrap_or(after.len())];
+        match authority.rsplit_once('@').and_then(|(userinfo, host)| Some((userinfo.split_once(':')?.0, host))) {
+            Some((user, host)) => {
+                out.push_str(user);
+                out.push_str(":***@");
+                out.push_str(host);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[authority.len()..];
     }
+    out.push_str(rest);
+    out
 }
 
 impl Default for Settings {
@@ -580,6 +601,12 @@ mod tests {
     fn secrets_are_redacted() {
         assert_eq!(redact_url("postgres://shop:hunter2@db:5432/shop"), "postgres://shop:***@db:5432/shop");
         assert_eq!(redact_url("sqlite://shop.db"), "sqlite://shop.db");
+        assert_eq!(redact_url("redis://:pw@r:6379/0"), "redis://:***@r:6379/0");
+        assert_eq!(
+            redact_urls(r#"url: "postgres://a:b@h/db", then redis://u:p@x and http://plain/path?q=1"#),
+            r#"url: "postgres://a:***@h/db", then redis://u:***@x and http://plain/path?q=1"#
+        );
+        assert_eq!(redact_urls("no url, a:b@c"), "no url, a:b@c");
         let s = Settings { admin_token: Some("supersecret".into()), ..Settings::default() };
         assert!(!format!("{s:?}").contains("supersecret"));
     }

@@ -26,6 +26,7 @@ use shop_redis::{
 use crate::config::{ConfigError, Settings, StockStrategy as StockStrategyName};
 use crate::events::BroadcastPublisher;
 use crate::startup::StartupError;
+use crate::telemetry;
 
 /// Idempotency keys are kept this long (the API contract's 24 hours).
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -237,6 +238,18 @@ pub(crate) async fn wire(
         orders: settings.max_pending_orders_per_user,
         units: i64::from(settings.max_pending_units_per_user),
     };
+    let placing = OrderService::new(uow.clone(), orders, users.clone(), stock, clock.clone(), events)
+        .with_stock_mirror(stock_mirror.clone())
+        .with_pending_caps(caps)
+        .combining(combining);
+    let metrics: shop_http::RenderMetrics = {
+        let (handle, db, orders, max) =
+            (telemetry::metrics(), db.clone(), placing.clone(), settings.db_max_connections);
+        Arc::new(move || {
+            telemetry::observe_gauges(&db, &orders, max);
+            handle.render()
+        })
+    };
     let state = AppState {
         users: UserService::new(users.clone(), hasher.clone(), uow.clone(), clock.clone()),
         auth: AuthService::new(
@@ -259,13 +272,11 @@ pub(crate) async fn wire(
             IDEMPOTENCY_LEASE,
         ),
         catalog: CatalogService::new(products, clock.clone()).with_stock_mirror(stock_mirror.clone()),
-        orders: OrderService::new(uow.clone(), orders, users.clone(), stock, clock.clone(), events)
-            .with_stock_mirror(stock_mirror)
-            .with_pending_caps(caps)
-            .combining(combining),
+        orders: placing.clone(),
         cart: CartService::new(carts, users, uow, clock),
         admin_token: settings.admin_token.as_deref().map(Arc::from),
         probes,
+        metrics,
     };
     Ok(Wired { state, mirror, stock_prefix })
 }

@@ -81,9 +81,13 @@ impl LaneLoad {
     }
 }
 
-/// How orders met their stock strategy since start-up: what `/metrics` shows and the benchmark reads.
+/// How orders met their stock strategy since start-up. Each count is kept here, per service (what tests and the
+/// benchmark read), and recorded through the `metrics` facade with the strategy as a label (what `/metrics`
+/// exports), beside the histograms of waits, batch sizes and commit times.
 #[derive(Debug, Default)]
 pub struct OrderStats {
+    /// The stock strategy's name: the `strategy` label of every series.
+    strategy: &'static str,
     /// Orders committed.
     pub placed: AtomicU64,
     /// Orders refused by the validation read, before any lock or transaction.
@@ -106,8 +110,59 @@ pub struct OrderStats {
     pub abandoned: AtomicU64,
 }
 
-pub(super) fn bump(counter: &AtomicU64, by: u64) {
-    counter.fetch_add(by, Ordering::Relaxed);
+/// A count of [`OrderStats`].
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Tally {
+    Placed,
+    RefusedEarly,
+    Retries,
+    OrderBatches,
+    PaymentBatches,
+    BatchSplits,
+    Shed,
+    Abandoned,
+}
+
+impl OrderStats {
+    fn new(strategy: &'static str) -> Self {
+        Self { strategy, ..Self::default() }
+    }
+
+    /// Adds `n` to a count.
+    pub(super) fn add(&self, tally: Tally, n: u64) {
+        let (cell, name) = match tally {
+            Tally::Placed => (&self.placed, "shop_orders_placed_total"),
+            Tally::RefusedEarly => (&self.refused_early, "shop_orders_refused_early_total"),
+            Tally::Retries => (&self.retries, "shop_order_retries_total"),
+            Tally::OrderBatches => (&self.order_batches, "shop_order_batches_total"),
+            Tally::PaymentBatches => (&self.payment_batches, "shop_payment_batches_total"),
+            Tally::BatchSplits => (&self.batch_splits, "shop_batch_splits_total"),
+            Tally::Shed => (&self.shed, "shop_requests_shed_total"),
+            Tally::Abandoned => (&self.abandoned, "shop_requests_abandoned_total"),
+        };
+        cell.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(name, "strategy" => self.strategy).increment(n);
+    }
+
+    /// A batch waited `waited` for the strategy's lock or reservation.
+    pub(super) fn stock_wait(&self, waited: Duration) {
+        self.lock_acquisitions.fetch_add(1, Ordering::Relaxed);
+        self.lock_wait_micros.fetch_add(micros(waited), Ordering::Relaxed);
+        metrics::counter!("shop_stock_lock_acquisitions_total", "strategy" => self.strategy).increment(1);
+        metrics::counter!("shop_stock_lock_wait_microseconds_total", "strategy" => self.strategy)
+            .increment(micros(waited));
+        metrics::histogram!("shop_stock_wait_seconds", "strategy" => self.strategy).record(waited);
+    }
+
+    /// A batch of `size` orders (or payments: `kind`) whose oldest request queued `queued` and whose
+    /// transaction took `commit` (statements and commit).
+    pub(super) fn batch(&self, kind: &'static str, size: usize, queued: Duration, commit: Duration) {
+        let labels = [("strategy", self.strategy), ("kind", kind)];
+        #[allow(clippy::cast_precision_loss)] // batch sizes are far below 2^52
+        metrics::histogram!("shop_batch_size", &labels).record(size as f64);
+        metrics::histogram!("shop_batch_queue_wait_seconds", &labels).record(queued);
+        metrics::histogram!("shop_batch_commit_seconds", &labels).record(commit);
+    }
 }
 
 fn micros(d: Duration) -> u64 {
@@ -175,7 +230,7 @@ impl Core {
         for job in batch {
             match job.abandoned() {
                 Some(why) => {
-                    bump(&self.stats.abandoned, 1);
+                    self.stats.add(Tally::Abandoned, 1);
                     job.answer(Err(why));
                 }
                 None => wanted.push(job),
@@ -217,7 +272,7 @@ impl OrderService {
         events: Arc<dyn EventPublisher>,
     ) -> Self {
         let core = Core {
-            stats: Arc::new(OrderStats::default()),
+            stats: Arc::new(OrderStats::new(stock.name())),
             uow,
             orders,
             users,
@@ -357,7 +412,7 @@ impl OrderService {
         T: Send + 'static,
     {
         lanes.submit(key, job).map_err(|Full(_)| {
-            bump(&self.core.stats.shed, 1);
+            self.core.stats.add(Tally::Shed, 1);
             DomainError::unavailable("too many requests are waiting for this option; try again shortly")
         })
     }

@@ -17,7 +17,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{Core, PayJob, bump, give_back};
+use tokio::time::Instant;
+
+use super::{Core, PayJob, Tally, give_back};
 use crate::error::DomainError;
 use crate::idempotency::Recorder;
 use crate::ids::{OrderId, PaymentId, UserId};
@@ -46,6 +48,8 @@ enum Decision {
 impl Core {
     /// Commits one batch of payments and answers each of them.
     pub(super) async fn pay(&self, batch: Vec<PayJob>) {
+        let started = Instant::now();
+        let queued = batch.iter().map(|job| started.saturating_duration_since(job.queued_at)).max().unwrap_or_default();
         let batch = self.still_wanted(batch);
         if batch.is_empty() {
             return;
@@ -55,7 +59,7 @@ impl Core {
             // A dependency that is down fails every order alike: one by one would only multiply the wait.
             Err(e @ DomainError::Unavailable { .. }) => batch.iter().map(|_| Err(e.replicate())).collect(),
             Err(e) if batch.len() > 1 => {
-                bump(&self.stats.batch_splits, 1);
+                self.stats.add(Tally::BatchSplits, 1);
                 tracing::warn!(size = batch.len(), error = %e, "a payment batch failed; paying its orders one by one");
                 let mut outcomes = Vec::with_capacity(batch.len());
                 for one in batch.chunks(1) {
@@ -68,6 +72,7 @@ impl Core {
             }
             Err(e) => vec![Err(e)],
         };
+        self.stats.batch("payment", batch.len(), queued, started.elapsed());
         for (job, outcome) in batch.into_iter().zip(outcomes) {
             if let Ok(payment) = &outcome {
                 self.events.publish(DomainEvent::PaymentCompleted {
@@ -90,7 +95,7 @@ impl Core {
         loop {
             match self.commit_payments(batch).await {
                 Err(DomainError::WriteConflict) if attempt < retry.max_retries => {
-                    bump(&self.stats.retries, 1);
+                    self.stats.add(Tally::Retries, 1);
                     tokio::time::sleep(retry.delay(attempt)).await;
                     attempt += 1;
                 }
@@ -128,7 +133,7 @@ impl Core {
                     }
                     Ok(()) => match job.abandoned() {
                         Some(why) => {
-                            bump(&self.stats.abandoned, 1);
+                            self.stats.add(Tally::Abandoned, 1);
                             Decision::Refused(why)
                         }
                         None => {
@@ -224,7 +229,7 @@ impl Core {
             }
         }
         tx.commit().await?;
-        bump(&self.stats.payment_batches, 1);
+        self.stats.add(Tally::PaymentBatches, 1);
         // The cancelled orders' units are back in the database: the strategy's copy of the stock hears of them.
         if !returned.is_empty() {
             self.mirror.stock_returned(&returned).await;

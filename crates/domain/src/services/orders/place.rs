@@ -19,9 +19,11 @@
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 
-use super::{Core, PlaceJob, bump, micros};
+use super::{Core, PlaceJob, Tally, micros};
 use crate::auth::{Pending, PendingCaps};
 use crate::error::DomainError;
 use crate::idempotency::Recorder;
@@ -92,15 +94,14 @@ impl Core {
             }
         };
         if admission.permit.is_held() {
-            bump(&self.stats.lock_acquisitions, 1);
-            bump(&self.stats.lock_wait_micros, micros(waited.elapsed()));
+            self.stats.stock_wait(waited.elapsed());
         }
         let mut admitted = Vec::with_capacity(valid.len());
         for (order, verdict) in valid.into_iter().zip(admission.verdicts) {
             match verdict {
                 Ok(()) => admitted.push(order),
                 Err(refused) => {
-                    bump(&self.stats.refused_early, 1);
+                    self.stats.add(Tally::RefusedEarly, 1);
                     order.job.answer(Err(refused));
                 }
             }
@@ -112,6 +113,10 @@ impl Core {
         let committing = Instant::now();
         let outcomes = self.commit_isolating(&admitted, &admission.permit).await;
         let commit_us = micros(committing.elapsed());
+        if !admitted.is_empty() {
+            let queued = Duration::from_micros(queued_us);
+            self.stats.batch("order", admitted.len(), queued, committing.elapsed());
+        }
         let taken: Vec<OrderLine> = admitted
             .iter()
             .zip(&outcomes)
@@ -122,7 +127,7 @@ impl Core {
         self.stock.settle(admission.permit, &taken).await;
         for (order, outcome) in admitted.into_iter().zip(outcomes) {
             if let Ok(placed) = &outcome {
-                bump(&self.stats.placed, 1);
+                self.stats.add(Tally::Placed, 1);
                 self.events.publish(DomainEvent::OrderCreated {
                     order_id: placed.id,
                     user_id: placed.user_id,
@@ -167,7 +172,7 @@ impl Core {
                     // Short already at the read (judged alone: the batch's allocation decides between them).
                     match allocate(&levels, [request.lines()]).verdicts.pop() {
                         Some(Err(short)) => {
-                            bump(&self.stats.refused_early, 1);
+                            self.stats.add(Tally::RefusedEarly, 1);
                             Err(short)
                         }
                         _ => Ok(new),
@@ -199,7 +204,7 @@ impl Core {
         for (order, verdict) in admitted.into_iter().zip(verdicts) {
             match verdict {
                 Err(short @ DomainError::OutOfStock { .. }) => {
-                    bump(&self.stats.refused_early, 1);
+                    self.stats.add(Tally::RefusedEarly, 1);
                     order.job.answer(Err(short));
                 }
                 _ => fit.push(order),
@@ -216,7 +221,7 @@ impl Core {
             // A dependency that is down fails every order alike: one by one would only multiply the wait.
             Err(e @ DomainError::Unavailable { .. }) => batch.iter().map(|_| Err(e.replicate())).collect(),
             Err(e) if batch.len() > 1 => {
-                bump(&self.stats.batch_splits, 1);
+                self.stats.add(Tally::BatchSplits, 1);
                 tracing::warn!(size = batch.len(), error = %e, "an order batch failed; committing its orders one by one");
                 let mut outcomes = Vec::with_capacity(batch.len());
                 for one in batch.chunks(1) {
@@ -244,7 +249,7 @@ impl Core {
                 // At once and without counting: the next attempt leaves the caller that left out.
                 Ok(Committed::Abandoned) => {}
                 Err(DomainError::WriteConflict) if attempt < retry.max_retries => {
-                    bump(&self.stats.retries, 1);
+                    self.stats.add(Tally::Retries, 1);
                     tokio::time::sleep(retry.delay(attempt)).await;
                     attempt += 1;
                 }
@@ -267,7 +272,7 @@ impl Core {
         for (i, order) in batch.iter().enumerate() {
             match order.job.abandoned() {
                 Some(why) => {
-                    bump(&self.stats.abandoned, 1);
+                    self.stats.add(Tally::Abandoned, 1);
                     outcomes[i] = Some(Err(why));
                 }
                 None => candidates.push(i),
@@ -302,7 +307,7 @@ impl Core {
             let verdict = if *here {
                 verdicts.next().unwrap_or_else(|| Err(DomainError::unexpected("an order was not allocated")))
             } else {
-                bump(&self.stats.abandoned, 1);
+                self.stats.add(Tally::Abandoned, 1);
                 batch[*i].job.abandoned().map_or(Ok(()), Err)
             };
             match verdict {
@@ -356,7 +361,7 @@ impl Core {
             commit_us = micros(committing.elapsed()),
             "order batch transaction"
         );
-        bump(&self.stats.order_batches, 1);
+        self.stats.add(Tally::OrderBatches, 1);
         Ok(Committed::Done(settled(outcomes)))
     }
 }
