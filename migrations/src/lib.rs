@@ -15,6 +15,7 @@ mod m20261125_000002_option_fence_token;
 mod m20261125_000003_idempotency_keys;
 mod m20261202_000004_accounts;
 mod m20261202_000005_upper_bounds;
+mod m20261203_000006_outbox;
 
 /// The ordered list of the shop's schema migrations.
 #[derive(Debug, Clone, Copy, Default)]
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000003_idempotency_keys::Migration),
             Box::new(m20261202_000004_accounts::Migration),
             Box::new(m20261202_000005_upper_bounds::Migration),
+            Box::new(m20261203_000006_outbox::Migration),
         ]
     }
 }

@@ -83,6 +83,10 @@ pub enum DomainError {
     IdempotencyKeyReused,
     #[error("the first request with this Idempotency-Key is still running")]
     IdempotencyKeyInUse,
+    #[error("event {0} not found")]
+    EventNotFound(String),
+    #[error("event {0} has no dead-lettered delivery to retry")]
+    EventNotFailed(String),
     /// A dependency is down or saturated (a database or Redis that does not answer, a pool or queue that is
     /// full): nothing was done, and the client may retry after `retry_after_secs`.
     #[error("service unavailable: {cause}")]
@@ -133,6 +137,8 @@ impl DomainError {
             Self::PendingLimitExceeded { user_id } => Self::PendingLimitExceeded { user_id: *user_id },
             Self::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             Self::IdempotencyKeyInUse => Self::IdempotencyKeyInUse,
+            Self::EventNotFound(id) => Self::EventNotFound(id.clone()),
+            Self::EventNotFailed(id) => Self::EventNotFailed(id.clone()),
             Self::Unavailable { cause, retry_after_secs } => {
                 Self::Unavailable { cause: cause.to_string().into(), retry_after_secs: *retry_after_secs }
             }

@@ -7,6 +7,7 @@
 //! - [`user`], [`product`], [`cart`], [`order`], [`payment`], [`sales`]: one module per aggregate.
 //! - [`auth`]: passwords, tokens and sessions, and the cap on what one user holds unpaid.
 //! - [`idempotency`]: Idempotency-Key claims and the responses they replay.
+//! - [`events`]: the events other systems act on, recorded in the outbox, and their delivery.
 //! - [`page`]: paging of lists.
 //! - [`error`]: [`DomainError`], the one error type of every use case.
 //! - [`ports`]: repositories, the unit of work and the roles of a transaction, the stock strategy port, clock,
@@ -17,6 +18,7 @@
 pub mod auth;
 pub mod cart;
 pub mod error;
+pub mod events;
 pub mod idempotency;
 pub mod ids;
 pub mod money;

@@ -25,7 +25,9 @@ use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpResponse, web};
 use shop_domain::ports::{Clock, Probe, Tokens};
-use shop_domain::services::{AuthService, CartService, CatalogService, IdempotencyService, OrderService, UserService};
+use shop_domain::services::{
+    AuthService, CartService, CatalogService, IdempotencyService, OrderService, Relay, UserService,
+};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_actix_web::AppExt;
@@ -55,6 +57,8 @@ pub struct AppState {
     pub probes: Vec<Arc<dyn Probe>>,
     /// The Prometheus text of `/metrics` (the server owns the recorder).
     pub metrics: RenderMetrics,
+    /// The outbox's relay, for the admin events API; `None` with the outbox off.
+    pub relay: Option<Relay>,
 }
 
 /// Renders the metrics of the process in the Prometheus text format.
@@ -108,7 +112,7 @@ impl utoipa::Modify for SecuritySchemes {
 /// Every documented route. The popular ranking is registered before `/products/{productId}` so that
 /// `popular` is not read as an id.
 fn routes(cfg: &mut ServiceConfig<'_>) {
-    use routes::{admin, auth, cart, health, orders, products, users};
+    use routes::{admin, auth, cart, events, health, orders, products, users};
     cfg.service(users::create_user)
         .service(users::me)
         .service(auth::sign_in)
@@ -121,6 +125,8 @@ fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(products::get_product)
         .service(admin::create_product)
         .service(admin::set_stock)
+        .service(events::list_events)
+        .service(events::retry_event)
         .service(cart::get_cart)
         .service(cart::add_cart_item)
         .service(cart::delete_cart_item)

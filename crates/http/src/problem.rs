@@ -189,6 +189,8 @@ fn domain_entry(error: &DomainError) -> Entry {
             entry(StatusCode::UNPROCESSABLE_ENTITY, "IDEMPOTENCY_KEY_REUSED", "Idempotency key reused")
         }
         D::IdempotencyKeyInUse => entry(StatusCode::CONFLICT, "IDEMPOTENCY_KEY_IN_USE", "Idempotency key in use"),
+        D::EventNotFound(_) => entry(StatusCode::NOT_FOUND, "EVENT_NOT_FOUND", "Event not found"),
+        D::EventNotFailed(_) => entry(StatusCode::CONFLICT, "EVENT_NOT_FAILED", "Event not failed"),
         D::Unavailable { .. } => entry(StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", "Service unavailable"),
         D::Unexpected(_) => entry(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", "Internal server error"),
     }
@@ -363,6 +365,8 @@ pub fn examples() -> Vec<Problem> {
         user.map(|user_id| DomainError::PendingLimitExceeded { user_id }),
         Some(DomainError::IdempotencyKeyReused),
         Some(DomainError::IdempotencyKeyInUse),
+        Some(DomainError::EventNotFound("0f8e2a8c-8d0e-4c5b-9a57-3f1d2b6c7e90".into())),
+        Some(DomainError::EventNotFailed("0f8e2a8c-8d0e-4c5b-9a57-3f1d2b6c7e90".into())),
         Some(DomainError::unexpected("example")),
     ];
     errors.extend(domain.into_iter().flatten().map(ApiError::Domain));

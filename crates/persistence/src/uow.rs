@@ -13,13 +13,14 @@ use sea_orm::{
 use shop_domain::DomainError;
 use shop_domain::auth::Pending;
 use shop_domain::cart::CartItem;
+use shop_domain::events::NewEvent;
 use shop_domain::idempotency::{IdempotencyClaim, StoredResponse};
 use shop_domain::ids::{OrderId, PaymentId, ProductOptionId, UserId};
 use shop_domain::money::{Money, Quantity, Stock};
 use shop_domain::order::{NewOrder, Order, OrderItem, OrderStatus};
 use shop_domain::payment::{Payment, PaymentMethod, PaymentStatus};
 use shop_domain::ports::{
-    CartTx, FencedWrite, IdempotencyTx, OrderTx, PaymentTx, StockRow, StockTx, Transaction, UnitOfWork,
+    CartTx, FencedWrite, IdempotencyTx, OrderTx, OutboxTx, PaymentTx, StockRow, StockTx, Transaction, UnitOfWork,
 };
 use shop_domain::product::ProductOption;
 use shop_domain::sales::DailySales;
@@ -535,6 +536,13 @@ impl IdempotencyTx for SeaTransaction {
         now: DateTime<Utc>,
     ) -> Result<bool, DomainError> {
         crate::idempotency::record_response(&self.tx, claim, response, now).await
+    }
+}
+
+#[async_trait]
+impl OutboxTx for SeaTransaction {
+    async fn record_events(&mut self, events: &[NewEvent], now: DateTime<Utc>) -> Result<(), DomainError> {
+        crate::outbox::record(&self.tx, events, now).await
     }
 }
 

@@ -28,6 +28,7 @@
 //! - [`optimistic`]: [`RedisOptimisticStock`], `redis-optimistic`: reservations in a Redis mirror of the stock
 //!   with WATCH/MULTI/EXEC, its give-back, loading and reconciliation.
 //! - [`throttle`]: [`RedisThrottle`], failed sign-ins counted per key across every instance.
+//! - [`stream`]: [`RedisStreamSink`], the outbox's events appended to a Redis stream.
 //! - [`probe`]: [`RedisProbe`], PING for `/health/ready`.
 //! - `scripts`: the Lua scripts (acquire, unlock, extend, raise-fence; the fair queue's acquire, release and leave)
 //!   and the keys they derive.
@@ -49,6 +50,7 @@ pub mod redlock;
 mod scripts;
 pub mod spin;
 pub mod strategy;
+pub mod stream;
 pub mod throttle;
 
 pub use lock::{DistributedLock, LockError, LockGuard, LockOptions};
@@ -58,6 +60,7 @@ pub use pubsub::PubSubLock;
 pub use redlock::Redlock;
 pub use spin::SpinLock;
 pub use strategy::{RedisLockStock, option_lock_key};
+pub use stream::{RedisStreamSink, events_stream_key};
 pub use throttle::RedisThrottle;
 
 /// The prefix of the stock keys of the database `deployment` (an id kept in that database) under the

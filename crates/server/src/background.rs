@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use shop_domain::services::{AuthService, IdempotencyService, OrderService};
+use shop_domain::services::{AuthService, IdempotencyService, OrderService, Relay};
 use shop_redis::RedisOptimisticStock;
 
 /// Every `interval`, for as long as the server runs: reconciles the stock mirror. Several instances may all
@@ -29,11 +29,13 @@ pub async fn reconcile_periodically(mirror: RedisOptimisticStock, interval: Dura
 }
 
 /// Every `interval`, for as long as the server runs: cancels unpaid orders past the timeout and deletes expired
-/// idempotency keys and refresh tokens. Each order is cancelled, and its stock given back, exactly once.
+/// idempotency keys and refresh tokens, and the events past the outbox's retention that every sink has had.
+/// Each order is cancelled, and its stock given back, exactly once.
 pub async fn sweep(
     orders: OrderService,
     idempotency: IdempotencyService,
     auth: AuthService,
+    relay: Option<Relay>,
     timeout: Duration,
     interval: Duration,
 ) {
@@ -55,6 +57,13 @@ pub async fn sweep(
             Ok(0) => {}
             Ok(purged) => tracing::info!(purged, "deleted expired refresh tokens"),
             Err(e) => tracing::warn!(error = %e, "the refresh-token purge failed; it runs again next interval"),
+        }
+        if let Some(relay) = &relay {
+            match relay.prune().await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "deleted delivered events past the retention"),
+                Err(e) => tracing::warn!(error = %e, "the outbox prune failed; it runs again next interval"),
+            }
         }
     }
 }

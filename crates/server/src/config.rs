@@ -163,6 +163,30 @@ pub struct Settings {
     /// How often each instance compares the `redis-optimistic` stock mirror with the database and repairs drift.
     #[serde(with = "duration_text")]
     pub stock_reconcile_interval: Duration,
+    /// Whether orders, payments and cancellations record their events (the outbox). Off, no event is recorded
+    /// or delivered at all (for a deployment that needs none, or to measure what they cost).
+    pub outbox: bool,
+    /// How long events every sink has had are kept before the sweeper deletes them.
+    #[serde(with = "duration_text")]
+    pub outbox_retention: Duration,
+    /// How often the relay looks for events it was not told of (other instances') and for retries due.
+    #[serde(with = "duration_text")]
+    pub relay_poll_interval: Duration,
+    /// About how many entries the Redis events stream keeps (`XADD ... MAXLEN ~`).
+    pub events_stream_max_len: u64,
+    /// Webhook endpoints: `url secret` pairs, comma-separated (TOML: `[[webhooks]]` with `url` and `secret`).
+    #[serde(deserialize_with = "webhook_list")]
+    pub webhooks: Vec<crate::events::Webhook>,
+    /// Attempts of one event at one webhook before it is dead-lettered.
+    pub webhook_max_attempts: u32,
+    /// The first retry's backoff ceiling; it doubles per attempt (full jitter) up to `webhook_retry_max`.
+    #[serde(with = "duration_text")]
+    pub webhook_retry_base: Duration,
+    #[serde(with = "duration_text")]
+    pub webhook_retry_max: Duration,
+    /// How long one delivery may take before it counts as failed.
+    #[serde(with = "duration_text")]
+    pub webhook_timeout: Duration,
 }
 
 /// Durations as people write them: `250ms`, `90s`, `15m`, `1h`; a bare number is seconds.
@@ -244,6 +268,15 @@ impl fmt::Debug for Settings {
             .field("order_payment_timeout", &self.order_payment_timeout)
             .field("order_sweep_interval", &self.order_sweep_interval)
             .field("stock_reconcile_interval", &self.stock_reconcile_interval)
+            .field("outbox", &self.outbox)
+            .field("outbox_retention", &self.outbox_retention)
+            .field("relay_poll_interval", &self.relay_poll_interval)
+            .field("events_stream_max_len", &self.events_stream_max_len)
+            .field("webhooks", &self.webhooks)
+            .field("webhook_max_attempts", &self.webhook_max_attempts)
+            .field("webhook_retry_base", &self.webhook_retry_base)
+            .field("webhook_retry_max", &self.webhook_retry_max)
+            .field("webhook_timeout", &self.webhook_timeout)
             .finish()
     }
 }
@@ -278,6 +311,28 @@ fn comma_list<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<String>, D:
         Raw::List(list) => list,
         Raw::Text(text) => text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
     })
+}
+
+/// `url secret, url secret` in the environment, or a TOML list of tables with `url` and `secret`.
+fn webhook_list<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<crate::events::Webhook>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<crate::events::Webhook>),
+        Text(String),
+    }
+    match Raw::deserialize(de)? {
+        Raw::List(list) => Ok(list),
+        Raw::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|pair| match pair.split_whitespace().collect::<Vec<_>>()[..] {
+                [url, secret] => Ok(crate::events::Webhook { url: url.to_owned(), secret: secret.to_owned() }),
+                _ => Err(serde::de::Error::custom("each webhook is `url secret`, comma-separated")),
+            })
+            .collect(),
+    }
 }
 
 /// `scheme://user:secret@host` -> `scheme://user:***@host`.
@@ -358,6 +413,15 @@ impl Default for Settings {
             order_payment_timeout: Duration::from_secs(15 * 60),
             order_sweep_interval: Duration::from_secs(30),
             stock_reconcile_interval: Duration::from_secs(60),
+            outbox: true,
+            outbox_retention: Duration::from_secs(7 * 24 * 3600),
+            relay_poll_interval: Duration::from_millis(500),
+            events_stream_max_len: 1_000_000,
+            webhooks: Vec::new(),
+            webhook_max_attempts: 10,
+            webhook_retry_base: Duration::from_secs(1),
+            webhook_retry_max: Duration::from_secs(600),
+            webhook_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -486,6 +550,20 @@ impl Settings {
         }
         if self.stock_strategy.needs_redis() && self.lock_lease_ms < 100 {
             return Err(ConfigError::Invalid { key: "SHOP_LOCK_LEASE_MS", message: "must be at least 100".into() });
+        }
+        if let Some(bad) =
+            self.webhooks.iter().find(|w| !w.url.starts_with("http://") && !w.url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_WEBHOOKS",
+                message: format!("{} is not an http:// or https:// URL", redact_url(&bad.url)),
+            });
+        }
+        if self.webhook_max_attempts == 0 || self.relay_poll_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_WEBHOOK_MAX_ATTEMPTS",
+                message: "attempts and the relay's poll interval must be positive".into(),
+            });
         }
         Ok(())
     }

@@ -1,80 +1,136 @@
-//! The default event adapter: an in-process broadcast channel, and a subscriber that logs every event.
+//! The sinks of the outbox that live in the server: signed webhooks, and the log (the embedded mode's sink).
+//! The Redis stream sink is `shop_redis::RedisStreamSink`.
 
-use shop_domain::ports::{DomainEvent, EventPublisher};
-use tokio::sync::broadcast;
+use std::time::Duration;
 
-/// Publishes to every subscriber of this process. A slow subscriber loses the oldest events (and says so)
-/// rather than slowing the request that published.
-#[derive(Debug, Clone)]
-pub struct BroadcastPublisher {
-    sender: broadcast::Sender<DomainEvent>,
-}
+use async_trait::async_trait;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use shop_domain::events::OutboxEvent;
+use shop_domain::ports::EventSink;
 
-impl BroadcastPublisher {
-    #[must_use]
-    pub fn new(capacity: usize) -> Self {
-        let (sender, _) = broadcast::channel(capacity);
-        Self { sender }
+/// Logs every event at `info` (target `shop::events`): where events go when nothing else is configured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogSink;
+
+#[async_trait]
+impl EventSink for LogSink {
+    fn name(&self) -> &str {
+        "log"
     }
 
-    #[must_use]
-    pub fn subscribe(&self) -> broadcast::Receiver<DomainEvent> {
-        self.sender.subscribe()
+    fn per_event(&self) -> bool {
+        false
     }
-}
 
-impl EventPublisher for BroadcastPublisher {
-    fn publish(&self, event: DomainEvent) {
-        // No subscriber is not an error: events are notices of what has already committed.
-        let _ = self.sender.send(event);
-    }
-}
-
-/// Logs each event until the channel closes.
-pub async fn log_events(mut events: broadcast::Receiver<DomainEvent>) {
-    loop {
-        match events.recv().await {
-            Ok(event) => match &event {
-                DomainEvent::OrderCreated { order_id, user_id, total_price } => tracing::info!(
-                    event = event.name(),
-                    order_id = order_id.get(),
-                    user_id = user_id.get(),
-                    total_price = total_price.won(),
-                    "event"
-                ),
-                DomainEvent::PaymentCompleted { payment_id, order_id, user_id, amount } => tracing::info!(
-                    event = event.name(),
-                    payment_id = payment_id.get(),
-                    order_id = order_id.get(),
-                    user_id = user_id.get(),
-                    amount = amount.won(),
-                    "event"
-                ),
-            },
-            Err(broadcast::error::RecvError::Lagged(missed)) => tracing::warn!(missed, "event log fell behind"),
-            Err(broadcast::error::RecvError::Closed) => return,
+    async fn deliver(&self, events: &[OutboxEvent]) -> Vec<Result<(), String>> {
+        for e in events {
+            tracing::info!(target: "shop::events", id = %e.id, kind = %e.kind, order_id = e.order_id.get(), "event");
         }
+        events.iter().map(|_| Ok(())).collect()
+    }
+}
+
+/// An endpoint events are POSTed to, as `SHOP_WEBHOOKS` configures it.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Webhook {
+    pub url: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook").field("url", &crate::config::redact_url(&self.url)).field("secret", &"<set>").finish()
+    }
+}
+
+/// POSTs each event's envelope to one endpoint, signed (`Shop-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256
+/// of "<t>.<body>">`); any answer but a 2xx within the timeout is a failed attempt, which the relay retries with
+/// backoff and dead-letters after the configured attempts.
+#[derive(Debug, Clone)]
+pub struct WebhookSink {
+    name: String,
+    webhook: Webhook,
+    client: reqwest::Client,
+}
+
+/// The signature header's name.
+pub const SIGNATURE_HEADER: &str = "Shop-Signature";
+
+/// `t=<t>,v1=<hex HMAC-SHA256 of "<t>.<body>" with `secret`>`.
+#[must_use]
+pub fn signature(secret: &[u8], t: i64, body: &str) -> String {
+    // HMAC takes a key of any length.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap_or_else(|_| unreachable!("HMAC accepts any key"));
+    mac.update(format!("{t}.{body}").as_bytes());
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+impl WebhookSink {
+    /// # Errors
+    /// The HTTP client's error when it cannot be built (no TLS provider).
+    pub fn new(webhook: Webhook, timeout: Duration) -> Result<Self, reqwest::Error> {
+        // reqwest is built without a provider of its own; ring is the one the tree already has. Installing it a
+        // second time (a second sink, a test's second instance) is refused harmlessly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder().timeout(timeout).build()?;
+        Ok(Self { name: format!("webhook:{}", webhook.url), webhook, client })
+    }
+
+    async fn post(&self, event: &OutboxEvent) -> Result<(), String> {
+        let t = chrono::Utc::now().timestamp();
+        let signed = signature(self.webhook.secret.as_bytes(), t, &event.envelope);
+        let answer = self
+            .client
+            .post(&self.webhook.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(SIGNATURE_HEADER, signed)
+            .header("Shop-Event-Id", event.id.as_str())
+            .body(event.envelope.clone())
+            .send()
+            .await
+            .map_err(|e| crate::config::redact_urls(&e.to_string()))?;
+        let status = answer.status();
+        if status.is_success() { Ok(()) } else { Err(format!("answered {status}")) }
+    }
+}
+
+#[async_trait]
+impl EventSink for WebhookSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn per_event(&self) -> bool {
+        true
+    }
+
+    /// At once for every event claimed: the claim holds at most one event per order, so no order's events
+    /// overtake each other.
+    async fn deliver(&self, events: &[OutboxEvent]) -> Vec<Result<(), String>> {
+        futures::future::join_all(events.iter().map(|e| self.post(e))).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shop_domain::ids::{OrderId, UserId};
-    use shop_domain::money::Money;
 
-    #[tokio::test]
-    async fn every_subscriber_gets_what_is_published() {
-        let bus = BroadcastPublisher::new(16);
-        let (mut a, mut b) = (bus.subscribe(), bus.subscribe());
-        let event = DomainEvent::OrderCreated {
-            order_id: OrderId::new(1).unwrap(),
-            user_id: UserId::new(2).unwrap(),
-            total_price: Money::new(3).unwrap(),
-        };
-        bus.publish(event.clone());
-        assert_eq!(a.recv().await.unwrap(), event);
-        assert_eq!(b.recv().await.unwrap(), event);
-        assert_eq!(event.name(), "order.created");
+    #[test]
+    fn the_signature_is_the_hmac_of_the_timestamp_and_the_body() {
+        // RFC 4231-style check against an independent computation of HMAC-SHA256.
+        let signed = signature(b"key", 1_700_000_000, "{}");
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"key").unwrap();
+        mac.update(b"1700000000.{}");
+        assert_eq!(signed, format!("t=1700000000,v1={}", hex::encode(mac.finalize().into_bytes())));
+        assert_ne!(signature(b"other", 1_700_000_000, "{}"), signed);
+        assert_ne!(signature(b"key", 1_700_000_001, "{}"), signed);
+        // The well-known RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac.finalize().into_bytes()),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 }

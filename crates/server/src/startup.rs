@@ -13,7 +13,6 @@ use shop_domain::services::{IdempotencyService, OrderService};
 use tokio::task::JoinHandle;
 
 use crate::config::{self, ConfigError, Settings, StockStrategy as StockStrategyName};
-use crate::events::{self, BroadcastPublisher};
 use crate::{background, wiring};
 
 /// Why the service could not start.
@@ -120,17 +119,18 @@ impl Application {
         if settings.is_sqlite() && settings.seed_demo {
             seed_demo(&settings, &db, clock.as_ref(), hasher.as_ref()).await?;
         }
-        let events = BroadcastPublisher::new(1024);
-        let mut background = vec![tokio::spawn(events::log_events(events.subscribe()))];
-        let wiring::Wired { state, mirror, stock_prefix } =
-            wiring::wire(&settings, &db, clock, Arc::new(events), hasher).await?;
-        background.push(tokio::spawn(background::sweep(
+        let wiring::Wired { state, mirror, stock_prefix, relay } = wiring::wire(&settings, &db, clock, hasher).await?;
+        let mut background = vec![tokio::spawn(background::sweep(
             state.orders.clone(),
             state.idempotency.clone(),
             state.auth.clone(),
+            relay.clone(),
             settings.order_payment_timeout,
             settings.order_sweep_interval,
-        )));
+        ))];
+        if let Some(relay) = relay {
+            background.push(tokio::spawn(relay.run()));
+        }
         if let Some(mirror) = mirror {
             background
                 .push(tokio::spawn(background::reconcile_periodically(mirror, settings.stock_reconcile_interval)));

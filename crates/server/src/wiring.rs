@@ -7,24 +7,26 @@ use sea_orm::DatabaseConnection;
 use shop_auth::{Argon2Hasher, AuthSecret, GovernorThrottle, HashParams, JwtTokens};
 use shop_domain::auth::{PendingCaps, ThrottleQuota};
 use shop_domain::ports::{
-    Clock, NoStockMirror, OrderRepository, PasswordHasher, Probe, RetryPolicy, SignInThrottle, StockMirror,
+    Clock, EventSink, NoStockMirror, OrderRepository, PasswordHasher, Probe, RetryPolicy, SignInThrottle, StockMirror,
     StockStrategy, Tokens,
 };
 use shop_domain::services::{
-    AuthService, CartService, CatalogService, Combining, IdempotencyService, OrderService, UserService,
+    AuthService, CartService, CatalogService, Combining, Events, IdempotencyService, OrderService, Relay, RelayPolicy,
+    UserService,
 };
 use shop_domain::stock::{ConditionalStock, LocalLockStock, OptimisticStock, PessimisticStock};
 use shop_http::AppState;
 use shop_persistence::{
-    DatabaseProbe, PoolSettings, SeaCartRepository, SeaIdempotencyStore, SeaOrderRepository, SeaProductRepository,
-    SeaSessionStore, SeaUnitOfWork, SeaUserRepository,
+    DatabaseProbe, PoolSettings, SeaCartRepository, SeaIdempotencyStore, SeaOrderRepository, SeaOutbox,
+    SeaProductRepository, SeaSessionStore, SeaUnitOfWork, SeaUserRepository,
 };
 use shop_redis::{
-    LockOptions, OptimisticSettings, PubSubLock, RedisLockStock, RedisOptimisticStock, RedisThrottle, Redlock, SpinLock,
+    LockOptions, OptimisticSettings, PubSubLock, RedisLockStock, RedisOptimisticStock, RedisStreamSink, RedisThrottle,
+    Redlock, SpinLock,
 };
 
 use crate::config::{ConfigError, Settings, StockStrategy as StockStrategyName};
-use crate::events::BroadcastPublisher;
+use crate::events::{LogSink, WebhookSink};
 use crate::startup::StartupError;
 use crate::telemetry;
 
@@ -195,6 +197,40 @@ async fn throttle(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<dyn 
     Ok(Arc::new(local))
 }
 
+/// The relay of the outbox, over the sinks the settings configure: the Redis stream when Redis is configured,
+/// each webhook, and the log when neither is.
+async fn relay(settings: &Settings, db: &DatabaseConnection, clock: Arc<dyn Clock>) -> Result<Relay, StartupError> {
+    let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
+    if let Some(url) = &settings.redis_url {
+        let stream = RedisStreamSink::connect(url, &settings.redis_key_prefix, settings.events_stream_max_len)
+            .await
+            .map_err(|source| StartupError::Redis { strategy: settings.stock_strategy, source })?;
+        sinks.push(Arc::new(stream));
+    }
+    for webhook in &settings.webhooks {
+        let sink = WebhookSink::new(webhook.clone(), settings.webhook_timeout).map_err(|e| ConfigError::Invalid {
+            key: "SHOP_WEBHOOKS",
+            message: format!("cannot build the webhook client: {e}"),
+        })?;
+        sinks.push(Arc::new(sink));
+    }
+    if sinks.is_empty() {
+        sinks.push(Arc::new(LogSink));
+    }
+    let policy = RelayPolicy {
+        batch: 500,
+        poll: settings.relay_poll_interval,
+        max_attempts: settings.webhook_max_attempts,
+        retry: RetryPolicy {
+            max_retries: settings.webhook_max_attempts,
+            base: settings.webhook_retry_base,
+            cap: settings.webhook_retry_max,
+        },
+        retention: settings.outbox_retention,
+    };
+    Ok(Relay::new(Arc::new(SeaOutbox::new(db.clone())), sinks, clock, policy))
+}
+
 /// What [`wire`] builds.
 pub(crate) struct Wired {
     pub state: AppState,
@@ -202,6 +238,8 @@ pub(crate) struct Wired {
     pub mirror: Option<RedisOptimisticStock>,
     /// The prefix of this database's stock keys in Redis.
     pub stock_prefix: String,
+    /// The outbox's relay; `None` with the outbox off.
+    pub relay: Option<Relay>,
 }
 
 /// Every use case on the adapters the settings choose, and the stock mirror when the strategy keeps one.
@@ -209,7 +247,6 @@ pub(crate) async fn wire(
     settings: &Settings,
     db: &DatabaseConnection,
     clock: Arc<dyn Clock>,
-    events: Arc<BroadcastPublisher>,
     hasher: Arc<dyn PasswordHasher>,
 ) -> Result<Wired, StartupError> {
     let orders = Arc::new(SeaOrderRepository::new(db.clone()));
@@ -237,6 +274,11 @@ pub(crate) async fn wire(
     let caps = PendingCaps {
         orders: settings.max_pending_orders_per_user,
         units: i64::from(settings.max_pending_units_per_user),
+    };
+    let relay = if settings.outbox { Some(relay(settings, db, clock.clone()).await?) } else { None };
+    let events = match &relay {
+        Some(relay) => Events::Recorded(Arc::new(relay.clone())),
+        None => Events::Off,
     };
     let placing = OrderService::new(uow.clone(), orders, users.clone(), stock, clock.clone(), events)
         .with_stock_mirror(stock_mirror.clone())
@@ -277,6 +319,7 @@ pub(crate) async fn wire(
         admin_token: settings.admin_token.as_deref().map(Arc::from),
         probes,
         metrics,
+        relay: relay.clone(),
     };
-    Ok(Wired { state, mirror, stock_prefix })
+    Ok(Wired { state, mirror, stock_prefix, relay })
 }

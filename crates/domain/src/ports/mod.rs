@@ -11,9 +11,11 @@
 //!   idempotency), so that each caller is handed only what it may touch.
 //! - [`auth`]: password hashing, tokens, sessions and the sign-in throttle.
 //! - [`stock`]: the stock strategy port with the rows and permits it works with, and the stock mirror.
-//! - here: the clock, events, readiness probes, and whether a client is still connected.
+//! - [`outbox`]: the outbox of recorded events, the sinks, and the signal that wakes the relay.
+//! - here: the clock, readiness probes, and whether a client is still connected.
 
 pub mod auth;
+pub mod outbox;
 pub mod repositories;
 pub mod stock;
 pub mod transaction;
@@ -25,18 +27,19 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::error::DomainError;
-use crate::ids::{OrderId, PaymentId, UserId};
-use crate::money::Money;
 
 pub use auth::{PasswordHasher, SessionStore, SignInThrottle, Tokens};
+pub use outbox::{DeliveryClaim, EventSink, Outbox, OutboxClaim, OutboxSignal};
 pub use repositories::{CartRepository, IdempotencyStore, OrderRepository, ProductRepository, UserRepository};
 pub use stock::{
     Admission, FencedWrite, NoStockMirror, RetryPolicy, StockMirror, StockPermit, StockRow, StockStrategy, StockTake,
 };
-pub use transaction::{CartTx, IdempotencyTx, OrderTx, PaymentTx, StockTx, Transaction, UnitOfWork};
+pub use transaction::{CartTx, IdempotencyTx, OrderTx, OutboxTx, PaymentTx, StockTx, Transaction, UnitOfWork};
 
 #[cfg(any(test, feature = "mocks"))]
 pub use auth::{MockPasswordHasher, MockSessionStore, MockSignInThrottle, MockTokens};
+#[cfg(any(test, feature = "mocks"))]
+pub use outbox::{MockOutbox, MockOutboxSignal};
 #[cfg(any(test, feature = "mocks"))]
 pub use repositories::{
     MockCartRepository, MockIdempotencyStore, MockOrderRepository, MockProductRepository, MockUserRepository,
@@ -82,31 +85,6 @@ impl Clock for ShiftedClock {
     fn now(&self) -> DateTime<Utc> {
         Utc::now() + *self.ahead.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// What happened, published after the transaction that made it happen has committed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DomainEvent {
-    OrderCreated { order_id: OrderId, user_id: UserId, total_price: Money },
-    PaymentCompleted { payment_id: PaymentId, order_id: OrderId, user_id: UserId, amount: Money },
-}
-
-impl DomainEvent {
-    /// The event's name on the wire (`order.created`, `payment.completed`).
-    #[must_use]
-    pub const fn name(&self) -> &'static str {
-        match self {
-            Self::OrderCreated { .. } => "order.created",
-            Self::PaymentCompleted { .. } => "payment.completed",
-        }
-    }
-}
-
-/// Hands events to whoever listens. Never blocks and never fails the use case: an event is a notice of a
-/// committed fact, so a publisher that cannot deliver logs it.
-#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
-pub trait EventPublisher: Send + Sync {
-    fn publish(&self, event: DomainEvent);
 }
 
 /// A dependency that `/health/ready` asks.

@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use crate::auth::Pending;
 use crate::cart::CartItem;
 use crate::error::DomainError;
+use crate::events::NewEvent;
 use crate::idempotency::{IdempotencyClaim, StoredResponse};
 use crate::ids::{OrderId, PaymentId, ProductOptionId, UserId};
 use crate::money::{Money, Quantity, Stock};
@@ -200,8 +201,15 @@ pub trait IdempotencyTx: Send {
 }
 
 /// One open transaction, with every role.
+/// Recording events in the outbox, in the transaction of their effect.
 #[async_trait]
-pub trait Transaction: CartTx + OrderTx + PaymentTx + StockTx + IdempotencyTx + Send {
+pub trait OutboxTx: Send {
+    /// Records these events (one statement for all of them), each with a new id, as occurring `now`.
+    async fn record_events(&mut self, events: &[NewEvent], now: DateTime<Utc>) -> Result<(), DomainError>;
+}
+
+#[async_trait]
+pub trait Transaction: CartTx + OrderTx + PaymentTx + StockTx + IdempotencyTx + OutboxTx + Send {
     async fn commit(self: Box<Self>) -> Result<(), DomainError>;
 }
 
@@ -310,6 +318,11 @@ mockall::mock! {
             response: &StoredResponse,
             now: DateTime<Utc>,
         ) -> Result<bool, DomainError>;
+    }
+
+    #[async_trait]
+    impl OutboxTx for Transaction {
+        async fn record_events(&mut self, events: &[NewEvent], now: DateTime<Utc>) -> Result<(), DomainError>;
     }
 
     #[async_trait]

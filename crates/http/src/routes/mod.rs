@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cart;
+pub mod events;
 pub mod health;
 pub mod orders;
 pub mod products;

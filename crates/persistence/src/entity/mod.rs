@@ -9,6 +9,8 @@ pub mod daily_popular_product;
 pub mod idempotency_key;
 pub mod order;
 pub mod order_item;
+pub mod outbox_delivery;
+pub mod outbox_event;
 pub mod payment;
 pub mod product;
 pub mod product_option;

@@ -13,6 +13,7 @@ mod idempotency;
 mod lanes;
 mod operations;
 mod orders;
+mod outbox;
 mod products;
 mod proxy;
 mod redis_locks;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use super::{Core, give_back};
 use crate::error::DomainError;
-use crate::order::OrderStatus;
+use crate::events::{CancelReason, NewEvent};
+use crate::order::{Order, OrderStatus};
+use crate::payment::{Payment, PaymentStatus};
 
 impl Core {
     pub(super) async fn expire_overdue(&self, timeout: Duration, batch: u64) -> Result<usize, DomainError> {
@@ -20,7 +22,24 @@ impl Core {
             let moved = tx.transition_orders(&due, OrderStatus::PendingPayment, OrderStatus::Cancelled, now).await?;
             let orders = tx.find_orders(&moved).await?;
             let returned = give_back(tx.as_mut(), &orders.iter().collect::<Vec<_>>(), now).await?;
+            if self.outbox && !orders.is_empty() {
+                // The orders as this transaction leaves them: cancelled, their payments failed.
+                let events: Vec<NewEvent> = orders
+                    .into_iter()
+                    .map(|o| {
+                        let payment = Payment { status: PaymentStatus::Failed, ..o.payment.clone() };
+                        NewEvent::order_cancelled(
+                            Order { status: OrderStatus::Cancelled, payment, ..o },
+                            CancelReason::PaymentTimeout,
+                        )
+                    })
+                    .collect();
+                tx.record_events(&events, now).await?;
+            }
             tx.commit().await?;
+            if !moved.is_empty() {
+                self.events.recorded();
+            }
             if !returned.is_empty() {
                 self.mirror.stock_returned(&returned).await;
             }
@@ -38,6 +57,7 @@ mod tests {
 
     use super::super::testing::*;
     use super::*;
+    use crate::events::EventKind;
     use crate::ports::{MockOrderRepository, MockStockMirror, MockTransaction, MockUserRepository};
     use crate::stock::ConditionalStock;
 
@@ -56,6 +76,16 @@ mod tests {
             .returning(|_| Ok(vec![order(1, 1, OrderStatus::Cancelled, 4)]));
         tx.expect_settle_payments().withf(|ids, _, _| ids.len() == 1).times(1).returning(|_, _, _| Ok(()));
         tx.expect_restore_stock().withf(|units, _| units.get(&oid(1)) == Some(&4)).times(1).returning(|_, _| Ok(()));
+        tx.expect_record_events()
+            .withf(|events, _| {
+                events.len() == 1
+                    && events[0].kind == EventKind::OrderCancelled
+                    && events[0].reason == Some(CancelReason::PaymentTimeout)
+                    && events[0].order.id == order_id(1)
+                    && events[0].order.payment.status == PaymentStatus::Failed
+            })
+            .times(1)
+            .returning(|_, _| Ok(()));
         let mut seq = mockall::Sequence::new();
         tx.expect_commit().times(1).in_sequence(&mut seq).returning(|| Ok(()));
         let mut mirror = MockStockMirror::new();
@@ -65,9 +95,10 @@ mod tests {
             .times(1)
             .in_sequence(&mut seq)
             .returning(|_| ());
-        let (mut core, _) =
+        let (mut core, events) =
             core(vec![tx], Arc::new(ConditionalStock), MockOrderRepository::new(), MockUserRepository::new());
         core.mirror = Arc::new(mirror);
         assert_eq!(core.expire_overdue(Duration::from_secs(900), 10).await.unwrap(), 1);
+        assert_eq!(events.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

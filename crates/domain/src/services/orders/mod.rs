@@ -39,7 +39,7 @@ use crate::order::{Order, OrderRequest};
 use crate::page::{Page, PageRequest};
 use crate::payment::{Payment, PaymentStatus};
 use crate::ports::{
-    Clock, Connection, EventPublisher, NoStockMirror, OrderRepository, PaymentTx, StockMirror, StockStrategy, StockTx,
+    Clock, Connection, NoStockMirror, OrderRepository, OutboxSignal, PaymentTx, StockMirror, StockStrategy, StockTx,
     UnitOfWork, UserRepository,
 };
 
@@ -218,9 +218,38 @@ pub(super) struct Core {
     pub(super) users: Arc<dyn UserRepository>,
     pub(super) stock: Arc<dyn StockStrategy>,
     pub(super) clock: Arc<dyn Clock>,
-    pub(super) events: Arc<dyn EventPublisher>,
+    /// Told after a commit that recorded events.
+    pub(super) events: Arc<dyn OutboxSignal>,
+    /// Whether orders, payments and cancellations record their events in the outbox.
+    pub(super) outbox: bool,
     pub(super) mirror: Arc<dyn StockMirror>,
     pub(super) caps: PendingCaps,
+}
+
+/// Whether the order service records events.
+#[derive(Clone)]
+pub enum Events {
+    /// Every order, payment and cancellation records its event in the outbox, in its own transaction; the
+    /// signal hears of each commit that did.
+    Recorded(Arc<dyn OutboxSignal>),
+    /// Nothing is recorded (a deployment that needs no events, or a benchmark of what they cost).
+    Off,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Recorded(_) => "Recorded",
+            Self::Off => "Off",
+        })
+    }
+}
+
+/// The signal of [`Events::Off`].
+struct Silent;
+
+impl OutboxSignal for Silent {
+    fn recorded(&self) {}
 }
 
 impl Core {
@@ -269,8 +298,12 @@ impl OrderService {
         users: Arc<dyn UserRepository>,
         stock: Arc<dyn StockStrategy>,
         clock: Arc<dyn Clock>,
-        events: Arc<dyn EventPublisher>,
+        events: Events,
     ) -> Self {
+        let (events, outbox): (Arc<dyn OutboxSignal>, bool) = match events {
+            Events::Recorded(signal) => (signal, true),
+            Events::Off => (Arc::new(Silent), false),
+        };
         let core = Core {
             stats: Arc::new(OrderStats::new(stock.name())),
             uow,
@@ -279,6 +312,7 @@ impl OrderService {
             stock,
             clock,
             events,
+            outbox,
             mirror: Arc::new(NoStockMirror),
             caps: PendingCaps::NONE,
         };
@@ -491,8 +525,8 @@ pub(super) mod testing {
     use crate::order::{OrderItem, OrderLine, OrderStatus, OrderableOption};
     use crate::payment::PaymentMethod;
     use crate::ports::{
-        DomainEvent, MockClock, MockEventPublisher, MockOrderRepository, MockTransaction, MockUnitOfWork,
-        MockUserRepository, Transaction,
+        MockClock, MockOrderRepository, MockOutboxSignal, MockTransaction, MockUnitOfWork, MockUserRepository,
+        Transaction,
     };
     use crate::product::{ProductOption, ProductStatus};
 
@@ -577,22 +611,27 @@ pub(super) mod testing {
         Arc::new(uow)
     }
 
-    /// An event publisher that records what it is given.
-    pub fn events() -> (Arc<MockEventPublisher>, Arc<Mutex<Vec<DomainEvent>>>) {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = seen.clone();
-        let mut events = MockEventPublisher::new();
-        events.expect_publish().returning(move |e| sink.lock().unwrap().push(e));
-        (Arc::new(events), seen)
+    /// A signal that counts the commits that recorded events.
+    pub fn signal() -> (Arc<MockOutboxSignal>, Arc<AtomicU64>) {
+        let seen = Arc::new(AtomicU64::new(0));
+        let count = seen.clone();
+        let mut signal = MockOutboxSignal::new();
+        signal.expect_recorded().returning(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+        });
+        (Arc::new(signal), seen)
     }
 
+    /// A service recording events (each transaction that commits must expect `record_events`); the count of
+    /// commits that signalled them.
     pub fn service(
         txs: Vec<MockTransaction>,
         stock: Arc<dyn StockStrategy>,
         orders: MockOrderRepository,
         users: MockUserRepository,
-    ) -> (OrderService, Arc<Mutex<Vec<DomainEvent>>>) {
-        let (events, seen) = events();
+    ) -> (OrderService, Arc<AtomicU64>) {
+        let (signal, seen) = signal();
+        let events = Events::Recorded(signal);
         (OrderService::new(uow(txs), Arc::new(orders), Arc::new(users), stock, clock(), events), seen)
     }
 
@@ -602,7 +641,7 @@ pub(super) mod testing {
         stock: Arc<dyn StockStrategy>,
         orders: MockOrderRepository,
         users: MockUserRepository,
-    ) -> (Core, Arc<Mutex<Vec<DomainEvent>>>) {
+    ) -> (Core, Arc<AtomicU64>) {
         let (service, seen) = service(txs, stock, orders, users);
         ((*service.core).clone(), seen)
     }

@@ -21,12 +21,12 @@ use tokio::time::Instant;
 
 use super::{Core, PayJob, Tally, give_back};
 use crate::error::DomainError;
+use crate::events::{CancelReason, NewEvent};
 use crate::idempotency::Recorder;
 use crate::ids::{OrderId, PaymentId, UserId};
 use crate::money::Money;
 use crate::order::{Order, OrderStatus};
 use crate::payment::{Payment, PaymentStatus};
-use crate::ports::DomainEvent;
 use crate::sales::DailySales;
 use crate::user::User;
 
@@ -73,15 +73,10 @@ impl Core {
             Err(e) => vec![Err(e)],
         };
         self.stats.batch("payment", batch.len(), queued, started.elapsed());
+        if outcomes.iter().any(|o| matches!(o, Ok(_) | Err(DomainError::InsufficientBalance { .. }))) {
+            self.events.recorded();
+        }
         for (job, outcome) in batch.into_iter().zip(outcomes) {
-            if let Ok(payment) = &outcome {
-                self.events.publish(DomainEvent::PaymentCompleted {
-                    payment_id: payment.id,
-                    order_id: payment.order_id,
-                    user_id: payment.user_id,
-                    amount: payment.amount,
-                });
-            }
             job.answer(outcome);
         }
     }
@@ -220,6 +215,28 @@ impl Core {
             .into_iter()
             .map(|o| o.unwrap_or_else(|| Err(DomainError::unexpected("a payment was left undecided"))))
             .collect();
+        if self.outbox && !(paid.is_empty() && cancelled.is_empty()) {
+            let settled = |order: &Order, status, payment| Order {
+                status,
+                payment: Payment { status: payment, paid_at: Some(now), ..order.payment.clone() },
+                ..order.clone()
+            };
+            let events: Vec<NewEvent> = paid
+                .iter()
+                .map(|o| NewEvent::payment_completed(settled(o, OrderStatus::Paid, PaymentStatus::Completed)))
+                .chain(cancelled.iter().map(|o| {
+                    let order = Order {
+                        payment: Payment {
+                            paid_at: None,
+                            ..settled(o, OrderStatus::Cancelled, PaymentStatus::Failed).payment
+                        },
+                        ..settled(o, OrderStatus::Cancelled, PaymentStatus::Failed)
+                    };
+                    NewEvent::order_cancelled(order, CancelReason::InsufficientBalance)
+                }))
+                .collect();
+            tx.record_events(&events, now).await?;
+        }
         for (job, outcome) in batch.iter().zip(&outcomes) {
             // Refusals found before any write (not found, not payable) are settled by the caller, as for any
             // outcome that commits nothing; what this transaction decided is recorded in it.
@@ -249,6 +266,7 @@ mod tests {
     use super::super::Job;
     use super::super::testing::*;
     use super::*;
+    use crate::events::EventKind;
     use crate::ports::{MockOrderRepository, MockStockMirror, MockTransaction, MockUserRepository};
     use crate::stock::ConditionalStock;
 
@@ -327,6 +345,22 @@ mod tests {
             .withf(|units, _| units.get(&oid(1)) == Some(&1) && units.len() == 1)
             .times(1)
             .returning(|_, _| Ok(()));
+        tx.expect_record_events()
+            .withf(|events, _| {
+                let kinds: Vec<_> =
+                    events.iter().map(|e| (e.kind, e.order.id.get(), e.order.status, e.reason)).collect();
+                kinds
+                    == [
+                        (EventKind::PaymentCompleted, 1, OrderStatus::Paid, None),
+                        (EventKind::PaymentCompleted, 2, OrderStatus::Paid, None),
+                        (EventKind::PaymentCompleted, 4, OrderStatus::Paid, None),
+                        (EventKind::OrderCancelled, 3, OrderStatus::Cancelled, Some(CancelReason::InsufficientBalance)),
+                    ]
+                    && events[0].order.payment.status == PaymentStatus::Completed
+                    && events[3].order.payment.status == PaymentStatus::Failed
+            })
+            .times(1)
+            .returning(|_, _| Ok(()));
         tx.expect_commit().times(1).returning(|| Ok(()));
         let (mut core, events) =
             core(vec![tx], Arc::new(ConditionalStock), MockOrderRepository::new(), MockUserRepository::new());
@@ -341,7 +375,7 @@ mod tests {
         assert!(matches!(out[2], Err(DomainError::InsufficientBalance { balance, required })
             if balance == Money::ZERO && required.won() == 1000));
         assert_eq!(out[0].as_ref().unwrap().status, PaymentStatus::Completed);
-        assert_eq!(events.lock().unwrap().len(), 3, "payment.completed for the three paid, after the commit");
+        assert_eq!(events.load(Ordering::SeqCst), 1, "the relay hears of the commit");
     }
 
     #[tokio::test]
@@ -354,6 +388,7 @@ mod tests {
             .returning(|spends, _| Ok(spends.iter().map(|(u, _)| *u).collect()));
         tx.expect_add_daily_sales().times(1).returning(|_, _| Ok(()));
         tx.expect_settle_payments().times(1).returning(|_, _, _| Ok(()));
+        tx.expect_record_events().withf(|events, _| events.len() == 1).times(1).returning(|_, _| Ok(()));
         tx.expect_commit().times(1).returning(|| Ok(()));
         let (core, _) =
             core(vec![tx], Arc::new(ConditionalStock), MockOrderRepository::new(), MockUserRepository::new());
@@ -387,7 +422,7 @@ mod tests {
         assert!(matches!(out[0], Err(DomainError::OrderNotFound(_))), "another user's order is not found");
         assert!(matches!(out[1], Err(DomainError::OrderNotPayable { status: OrderStatus::Paid, .. })));
         assert!(matches!(out[2], Err(DomainError::OrderNotPayable { status: OrderStatus::Cancelled, .. })));
-        assert!(events.lock().unwrap().is_empty());
+        assert_eq!(events.load(Ordering::SeqCst), 0, "nothing was recorded");
     }
 
     #[tokio::test]
@@ -402,6 +437,11 @@ mod tests {
         second.expect_spend_balances().withf(|spends, _| spends.is_empty()).returning(|_, _| Ok(vec![]));
         second.expect_settle_payments().returning(|_, _, _| Ok(()));
         second.expect_restore_stock().times(1).returning(|_, _| Ok(()));
+        second
+            .expect_record_events()
+            .withf(|events, _| events.len() == 1 && events[0].reason == Some(CancelReason::InsufficientBalance))
+            .times(1)
+            .returning(|_, _| Ok(()));
         second.expect_commit().times(1).returning(|| Ok(()));
         let (core, _) = core(
             vec![first, second],
@@ -427,6 +467,7 @@ mod tests {
             tx.expect_spend_balances().returning(|spends, _| Ok(spends.iter().map(|(u, _)| *u).collect()));
             tx.expect_add_daily_sales().returning(|_, _| Ok(()));
             tx.expect_settle_payments().returning(|_, _, _| Ok(()));
+            tx.expect_record_events().returning(|_, _| Ok(()));
             tx.expect_commit().times(1).returning(|| Ok(()));
             tx
         };
@@ -437,6 +478,6 @@ mod tests {
         core.pay(jobs).await;
         assert!(outcomes(answers).await.iter().all(Result::is_ok));
         assert_eq!(core.stats.batch_splits.load(Ordering::Relaxed), 1);
-        assert_eq!(events.lock().unwrap().len(), 2);
+        assert_eq!(events.load(Ordering::SeqCst), 1, "one signal for the batch");
     }
 }

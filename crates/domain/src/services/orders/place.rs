@@ -26,12 +26,13 @@ use tokio::time::Instant;
 use super::{Core, PlaceJob, Tally, micros};
 use crate::auth::{Pending, PendingCaps};
 use crate::error::DomainError;
+use crate::events::NewEvent;
 use crate::idempotency::Recorder;
 use crate::ids::{ProductOptionId, UserId};
 use crate::money::Stock;
 use crate::order::{NewOrder, Order, OrderLine, OrderRequest};
 use crate::ports::stock::union_of;
-use crate::ports::{DomainEvent, OrderTx, StockPermit, StockTake};
+use crate::ports::{OrderTx, StockPermit, StockTake};
 use crate::stock::allocate;
 
 /// What an order job asks.
@@ -125,15 +126,12 @@ impl Core {
             .collect();
         // The permit (locks, a reservation) is settled only now, after the commit or the rollback.
         self.stock.settle(admission.permit, &taken).await;
+        let placed = outcomes.iter().filter(|o| o.is_ok()).count();
+        if placed > 0 {
+            self.stats.add(Tally::Placed, placed as u64);
+            self.events.recorded();
+        }
         for (order, outcome) in admitted.into_iter().zip(outcomes) {
-            if let Ok(placed) = &outcome {
-                self.stats.add(Tally::Placed, 1);
-                self.events.publish(DomainEvent::OrderCreated {
-                    order_id: placed.id,
-                    user_id: placed.user_id,
-                    total_price: placed.total_price,
-                });
-            }
             order.job.answer(outcome);
         }
         // Where a batch's time goes (the benchmark aggregates these): how long its oldest order queued, then
@@ -333,6 +331,11 @@ impl Core {
             })
             .collect();
         tx.remove_from_carts(&carts, now).await?;
+        if self.outbox {
+            let events: Vec<NewEvent> =
+                winners.iter().filter_map(|(_, k)| stored[*k].clone().map(NewEvent::order_created)).collect();
+            tx.record_events(&events, now).await?;
+        }
         let takes: Vec<StockTake> = rows
             .iter()
             .filter_map(|row| allocation.taken.get(&row.option_id).map(|units| StockTake { row: *row, units: *units }))
@@ -418,6 +421,7 @@ mod tests {
     use super::super::testing::*;
     use super::super::{Combining, Job};
     use super::*;
+    use crate::events::EventKind;
     use crate::ids::{OrderId, PaymentId};
     use crate::money::Money;
     use crate::order::OrderStatus;
@@ -471,8 +475,8 @@ mod tests {
     }
 
     /// A transaction of a batch over options with `stock` units each, that inserts `orders` orders, keeps the
-    /// ones it can, takes `units` of option 1, then commits.
-    fn batch_tx(stock: i64, orders: usize, units: i64) -> MockTransaction {
+    /// ones it can (`winners`, each recording its `order.created`), takes `units` of option 1, then commits.
+    fn batch_tx(stock: i64, orders: usize, winners: usize, units: i64) -> MockTransaction {
         let mut tx = MockTransaction::new();
         tx.expect_read_stock().returning(move |ids| {
             Ok(ids
@@ -482,6 +486,13 @@ mod tests {
         });
         tx.expect_insert_orders().withf(move |news| news.len() == orders).times(1).returning(|news| Ok(stored(news)));
         tx.expect_remove_from_carts().returning(|_, _| Ok(()));
+        tx.expect_record_events()
+            .withf(move |events, _| {
+                events.len() == winners
+                    && events.iter().all(|e| e.kind == EventKind::OrderCreated && e.reason.is_none())
+            })
+            .times(1)
+            .returning(|_, _| Ok(()));
         tx.expect_decrement_stock()
             .withf(move |id, n, fence, _| id.get() != 1 || (*n == units && fence.is_none()))
             .returning(|_, _, _, _| Ok(FencedWrite::Written));
@@ -493,7 +504,7 @@ mod tests {
     async fn a_batch_allocates_in_arrival_order_and_commits_the_winners_in_one_transaction() {
         // Three units for four buyers of one each, and a fifth who wants two: the first three win, the rest are
         // refused inside the transaction, and one commit holds the three orders.
-        let mut tx = batch_tx(3, 5, 3);
+        let mut tx = batch_tx(3, 5, 3, 3);
         // All five were written before the claim; the two the allocation refused are deleted again.
         tx.expect_delete_orders().withf(|ids| ids.len() == 2).times(1).returning(|_| Ok(()));
         let (core, events) = core(vec![tx], Arc::new(ConditionalStock), catalogue(3), everyone());
@@ -508,7 +519,7 @@ mod tests {
         for refused in &outcomes[3..] {
             assert!(matches!(refused, Err(DomainError::OutOfStock { option_id }) if *option_id == oid(1)));
         }
-        assert_eq!(events.lock().unwrap().len(), 3, "order.created after the commit, for the winners only");
+        assert_eq!(events.load(Ordering::SeqCst), 1, "the relay hears of the commit, once");
         assert_eq!(core.stats.order_batches.load(Ordering::Relaxed), 1);
     }
 
@@ -553,7 +564,7 @@ mod tests {
 
     #[tokio::test]
     async fn orders_the_strategy_does_not_admit_never_reach_the_transaction() {
-        let (core, _) = core(vec![batch_tx(10, 2, 2)], Arc::new(OddUsersOnly), catalogue(10), everyone());
+        let (core, _) = core(vec![batch_tx(10, 2, 2, 2)], Arc::new(OddUsersOnly), catalogue(10), everyone());
         let (jobs, answers): (Vec<_>, Vec<_>) = (1..=4).map(|u| job(u, &[(1, 1)])).unzip();
         core.place(jobs).await;
         let mut fitted = Vec::new();
@@ -577,7 +588,7 @@ mod tests {
         });
         alone_fails.expect_insert_orders().returning(|_| Err(DomainError::unexpected("a trigger refused one row")));
         alone_fails.expect_commit().never();
-        let txs = vec![failing, batch_tx(10, 1, 1), alone_fails, batch_tx(10, 1, 1)];
+        let txs = vec![failing, batch_tx(10, 1, 1, 1), alone_fails, batch_tx(10, 1, 1, 1)];
         let (core, events) = core(txs, Arc::new(ConditionalStock), catalogue(10), everyone());
         let (jobs, answers): (Vec<_>, Vec<_>) = (1..=3).map(|u| job(u, &[(1, 1)])).unzip();
         core.place(jobs).await;
@@ -588,7 +599,7 @@ mod tests {
         assert!(outcomes[0].is_ok() && outcomes[2].is_ok());
         assert!(matches!(outcomes[1], Err(DomainError::Unexpected(_))));
         assert_eq!(core.stats.batch_splits.load(Ordering::Relaxed), 1);
-        assert_eq!(events.lock().unwrap().len(), 2);
+        assert_eq!(events.load(Ordering::SeqCst), 1, "one signal for the batch and its two commits");
     }
 
     fn optimistic_tx(wins: bool) -> MockTransaction {
@@ -597,6 +608,7 @@ mod tests {
             .returning(|ids| Ok(vec![StockRow { option_id: ids[0], stock: Stock::new(10).unwrap(), version: 3 }]));
         tx.expect_insert_orders().returning(|news| Ok(stored(news)));
         tx.expect_remove_from_carts().returning(|_, _| Ok(()));
+        tx.expect_record_events().returning(|_, _| Ok(()));
         tx.expect_write_stock()
             .withf(|_, left, version, _| left.get() == 9 && *version == Some(3))
             .returning(move |_, _, _, _| Ok(wins));
@@ -665,6 +677,10 @@ mod tests {
         tx.expect_remove_from_carts()
             .withf(|carts, _| carts.len() == 1 && carts[0].0 == uid(2))
             .returning(|_, _| Ok(()));
+        tx.expect_record_events()
+            .withf(|events, _| events.len() == 1 && events[0].order.user_id == uid(2))
+            .times(1)
+            .returning(|_, _| Ok(()));
         tx.expect_decrement_stock()
             .withf(|_, units, _, _| *units == 1)
             .times(1)
@@ -676,7 +692,7 @@ mod tests {
         core.place(vec![leaving, staying]).await;
         assert!(matches!(left.await.unwrap(), Err(DomainError::Unavailable { .. })));
         assert_eq!(stays.await.unwrap().unwrap().user_id, uid(2));
-        assert_eq!(events.lock().unwrap().len(), 1);
+        assert_eq!(events.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
@@ -690,26 +706,28 @@ mod tests {
         });
         waits.expect_insert_orders().withf(|news| news.len() == 2).returning(|news| Ok(stored(news)));
         waits.expect_remove_from_carts().returning(|_, _| Ok(()));
+        // Recorded, then rolled back with everything else.
+        waits.expect_record_events().returning(|_, _| Ok(()));
         waits.expect_decrement_stock().returning(move |_, _, _, _| {
             closer.0.store(true, Ordering::SeqCst);
             Ok(FencedWrite::Written)
         });
         waits.expect_commit().never();
-        let txs = vec![waits, batch_tx(10, 1, 1)];
+        let txs = vec![waits, batch_tx(10, 1, 1, 1)];
         let (core, events) = core(txs, Arc::new(ConditionalStock), catalogue(10), everyone());
         let (leaving, left) = job_on(1, &[(1, 1)], hangs_up);
         let (staying, stays) = job(2, &[(1, 1)]);
         core.place(vec![leaving, staying]).await;
         assert!(matches!(left.await.unwrap(), Err(DomainError::Unavailable { .. })));
         assert_eq!(stays.await.unwrap().unwrap().user_id, uid(2));
-        assert_eq!(events.lock().unwrap().len(), 1);
+        assert_eq!(events.load(Ordering::SeqCst), 1, "only the commit signals");
         assert_eq!(core.stats.retries.load(Ordering::Relaxed), 0, "not a conflict");
     }
 
     #[tokio::test]
     async fn orders_past_a_users_pending_caps_are_refused_in_arrival_order() {
         // User 1 holds one unpaid order of one unit already; two orders and five units are the most one may hold.
-        let mut tx = batch_tx(10, 2, 4);
+        let mut tx = batch_tx(10, 2, 2, 4);
         tx.expect_hold_users()
             .withf(|ids| ids == [uid(1), uid(2), uid(3)])
             .times(1)
@@ -785,11 +803,10 @@ mod tests {
 
     #[tokio::test]
     async fn with_combining_off_an_order_is_a_batch_of_one_in_the_callers_task() {
-        let (service, events) = service(vec![batch_tx(5, 1, 2)], Arc::new(ConditionalStock), catalogue(5), everyone());
+        let (service, events) =
+            service(vec![batch_tx(5, 1, 1, 2)], Arc::new(ConditionalStock), catalogue(5), everyone());
         let placed = service.place(request(1, &[(1, 2)]), None, None).await.unwrap();
         assert_eq!(placed.total_price, Money::new(2000).unwrap());
-        assert!(
-            matches!(events.lock().unwrap()[0], DomainEvent::OrderCreated { order_id, .. } if order_id == placed.id)
-        );
+        assert_eq!(events.load(Ordering::SeqCst), 1);
     }
 }
