@@ -78,7 +78,6 @@ fn order_json(o: &Order) -> Value {
         "payment": {
             "id": o.payment.id.get(),
             "orderId": o.payment.order_id.get(),
-            "userId": o.payment.user_id.get(),
             "status": o.payment.status.as_str(),
             "method": o.payment.method.as_str(),
             "amount": o.payment.amount.won(),

@@ -31,6 +31,13 @@ impl EventSink for LogSink {
     }
 }
 
+/// Makes ring the process's TLS provider, which reqwest (built without one of its own) needs before any client is
+/// built: ring is the provider the tree already has (sqlx, jsonwebtoken). A second call is a no-op.
+pub fn install_crypto_provider() {
+    // Refused only when a provider is installed already, which is what was asked.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// An endpoint events are POSTed to, as `SHOP_WEBHOOKS` configures it.
 #[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Webhook {
@@ -70,9 +77,7 @@ impl WebhookSink {
     /// # Errors
     /// The HTTP client's error when it cannot be built (no TLS provider).
     pub fn new(webhook: Webhook, timeout: Duration) -> Result<Self, reqwest::Error> {
-        // reqwest is built without a provider of its own; ring is the one the tree already has. Installing it a
-        // second time (a second sink, a test's second instance) is refused harmlessly.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
         let client = reqwest::Client::builder().timeout(timeout).build()?;
         Ok(Self { name: format!("webhook:{}", webhook.url), webhook, client })
     }

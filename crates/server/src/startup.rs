@@ -114,6 +114,7 @@ impl Application {
     /// [`StartupError`] saying what is wrong.
     pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
         settings.validate_for_serving()?;
+        crate::events::install_crypto_provider();
         let db = connect_and_migrate(&settings).await?;
         let hasher = Arc::new(wiring::hasher(&settings)?);
         if settings.is_sqlite() && settings.seed_demo {

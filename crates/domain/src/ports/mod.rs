@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use std::sync::PoisonError;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 
 use crate::error::DomainError;
 
@@ -52,7 +52,8 @@ pub use transaction::{MockStockTx, MockTransaction, MockUnitOfWork};
 /// Time, injected so that expiry, leases and "today" can be tested without sleeping or ageing rows.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 pub trait Clock: Send + Sync {
-    /// Sales days are UTC days: `now().date_naive()`.
+    /// Sales days are UTC days: `now().date_naive()`. Microseconds at most, the precision PostgreSQL keeps, so an
+    /// instant reads back as it was written (in a response, an event, or a later read).
     fn now(&self) -> DateTime<Utc>;
 }
 
@@ -62,7 +63,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
-        Utc::now()
+        Utc::now().trunc_subsecs(6)
     }
 }
 
@@ -83,7 +84,7 @@ impl ShiftedClock {
 
 impl Clock for ShiftedClock {
     fn now(&self) -> DateTime<Utc> {
-        Utc::now() + *self.ahead.lock().unwrap_or_else(PoisonError::into_inner)
+        (Utc::now() + *self.ahead.lock().unwrap_or_else(PoisonError::into_inner)).trunc_subsecs(6)
     }
 }
 

@@ -11,7 +11,7 @@ use fred::prelude::{Builder, Client, ClientLike, Config, StreamsInterface};
 use serde_json::{Value, json};
 use shop_server::StockStrategyName;
 
-use crate::helpers::{ADMIN_TOKEN, Resp, Store, TestApp, race};
+use crate::helpers::{ADMIN_TOKEN, AUTH_SECRET, Resp, Store, TestApp, race};
 use crate::redis_locks::{REDIS, prefix, redis_up};
 
 async fn order(app: &TestApp, user: i64, option: i64, quantity: i64) -> Resp {
@@ -322,9 +322,10 @@ async fn webhooks_are_signed_retried_dead_lettered_and_retried_by_an_admin() {
             shop_server::events::Webhook { url: flaky_url.clone(), secret: "flaky-secret".into() },
             shop_server::events::Webhook { url: refusing_url.clone(), secret: "refusing-secret".into() },
         ];
-        s.webhook_max_attempts = 4;
+        // Full jitter: thirty attempts of up to 20-100 ms each outlast the 300 ms cut below beyond doubt.
+        s.webhook_max_attempts = 30;
         s.webhook_retry_base = Duration::from_millis(20);
-        s.webhook_retry_max = Duration::from_millis(200);
+        s.webhook_retry_max = Duration::from_millis(100);
         s.webhook_timeout = Duration::from_millis(500);
         s.relay_poll_interval = Duration::from_millis(50);
     })
@@ -332,7 +333,7 @@ async fn webhooks_are_signed_retried_dead_lettered_and_retried_by_an_admin() {
     .expect("sqlite");
     let option = app.product("hooked", &[("one", 10, 100)]).await["options"][0]["id"].as_i64().unwrap();
     let users = app.users(5, 0).await;
-    // The flaky receiver goes away for a second after its first refusals.
+    // The flaky receiver goes away for 300 ms after its first refusals.
     let mut ids = Vec::new();
     for (i, user) in users.iter().enumerate() {
         if i == 2 {
@@ -342,7 +343,7 @@ async fn webhooks_are_signed_retried_dead_lettered_and_retried_by_an_admin() {
         assert_eq!(r.status, 201);
         ids.push(r.body["id"].as_i64().unwrap());
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.restore();
     let recorded: BTreeSet<String> =
         events(&app, None).await.iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
@@ -366,7 +367,7 @@ async fn webhooks_are_signed_retried_dead_lettered_and_retried_by_an_admin() {
     };
     for e in &failed {
         let d = delivery(e);
-        assert_eq!((&d["status"], &d["attempts"]), (&json!("failed"), &json!(4)), "{e}");
+        assert_eq!((&d["status"], &d["attempts"]), (&json!("failed"), &json!(30)), "{e}");
         assert!(d["lastError"].as_str().unwrap().contains("500"), "{e}");
     }
     assert!(refusing.ids().is_empty());
@@ -389,4 +390,108 @@ async fn webhooks_are_signed_retried_dead_lettered_and_retried_by_an_admin() {
         events(&app, Some("delivered")).await.len() == 5
     })
     .await;
+}
+
+/// A `shop-server` process over `app`'s database whose stream sink writes to `redis_url`, ready to serve.
+async fn server_process(app: &TestApp, redis_url: &str, prefix: &str) -> (std::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let base = format!("http://127.0.0.1:{port}");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_shop-server"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SHOP_DATABASE_URL", &app.settings.database_url)
+        .env("SHOP_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("SHOP_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SHOP_AUTH_SECRET", AUTH_SECRET)
+        .env("SHOP_STOCK_STRATEGY", "pessimistic")
+        .env("SHOP_REDIS_URL", redis_url)
+        .env("SHOP_REDIS_KEY_PREFIX", prefix)
+        .env("SHOP_RELAY_POLL_INTERVAL", "50ms")
+        .env("SHOP_SEED_DEMO", "false")
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let probe = reqwest::Client::new();
+    within(Duration::from_secs(30), "the server process is ready", || async {
+        probe.get(format!("{base}/health/ready")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    (child, base)
+}
+
+/// An instance whose stream is unreachable takes orders of 300 buyers for 300 units and is killed -9 in the middle
+/// of them, its events
+/// undelivered: the instance started after it delivers an `order.created` for every order the database holds
+/// (each 201 among them), and none for anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_committed_before_a_kill_9_are_delivered_after_the_restart() {
+    if !redis_up().await {
+        return;
+    }
+    let prefix = prefix();
+    // This in-process instance only seeds the database: no events, no relay.
+    let Some(app) = TestApp::spawn_with(Store::Postgres, |s| s.outbox = false).await else { return };
+    let option = app.product("crashed", &[("one", 10, 300)]).await["options"][0]["id"].as_i64().unwrap();
+    let buyers = app.users(300, 0).await;
+    let upstream = REDIS.trim_start_matches("redis://").trim_end_matches('/');
+    let proxy = crate::proxy::FaultProxy::start(upstream).await;
+    let (mut first, base) = server_process(&app, &proxy.route(REDIS, upstream), &prefix).await;
+    proxy.cut();
+
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let orders: Vec<_> = buyers
+        .iter()
+        .map(|&user| {
+            let (client, url, token, answered) =
+                (client.clone(), format!("{base}/api/v1/orders"), app.token(user), answered.clone());
+            let body = json!({"items": [{"productOptionId": option, "quantity": 1}]});
+            tokio::spawn(async move {
+                let r = client.post(url).bearer_auth(token).json(&body).send().await.ok()?;
+                answered.fetch_add(1, Ordering::SeqCst);
+                let status = r.status().as_u16();
+                let body: Value = r.json().await.ok()?;
+                (status == 201).then(|| body["id"].as_i64()).flatten()
+            })
+        })
+        .collect();
+    within(Duration::from_secs(30), "fifty orders answered", || async { answered.load(Ordering::SeqCst) >= 50 })
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut confirmed = BTreeSet::new();
+    for o in orders {
+        confirmed.extend(o.await.unwrap());
+    }
+    let redis = raw(REDIS).await;
+    assert!(stream(&redis, &prefix).await.0.is_empty(), "nothing reached the stream before the crash");
+    let committed: BTreeSet<i64> = app.scalars("SELECT id FROM orders").await.into_iter().collect();
+    assert!(confirmed.is_subset(&committed), "every 201 is a committed order");
+    assert!(confirmed.len() >= 50 && committed.len() < 300, "killed in mid-sale: {}", committed.len());
+    let waiting = app.scalar("SELECT count(*) FROM outbox_events WHERE handed_over_at IS NULL").await;
+    assert_eq!(usize::try_from(waiting).unwrap(), committed.len(), "every committed order's event waits");
+
+    proxy.restore();
+    let (mut second, _) = server_process(&app, REDIS, &prefix).await;
+    let (events, raw_entries) = fetch_until(
+        Duration::from_secs(30),
+        "the restarted instance delivers every event",
+        || stream(&redis, &prefix),
+        |s| s.0.len() >= committed.len(),
+    )
+    .await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert!(events.iter().all(|(kind, _)| kind == "order.created"));
+    let delivered: BTreeSet<i64> = events.iter().map(|(_, id)| *id).collect();
+    assert_eq!(delivered, committed, "one order.created for each committed order, nothing else");
+    assert_eq!(events.len(), committed.len());
+    eprintln!(
+        "[outbox] killed after {} answers: {} committed ({} confirmed 201), {raw_entries} stream entries after the \
+         restart",
+        answered.load(Ordering::SeqCst),
+        committed.len(),
+        confirmed.len()
+    );
 }
