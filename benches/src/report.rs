@@ -138,6 +138,29 @@ pub fn write(out: &Path, cells: &[Cell], pay: bool) -> std::io::Result<String> {
             );
         }
     }
+    if cells.iter().any(|c| c.median.events.is_some()) {
+        let _ = writeln!(
+            md,
+            "\nThe outbox's relay over the run (every event recorded to delivered, read from the outbox once \
+             empty):\n"
+        );
+        let _ = writeln!(md, "| strategy | batch | scenario | events | lag p50 ms | lag p99 ms | events/s |");
+        let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|");
+        for c in cells {
+            let Some(e) = c.median.events else { continue };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {:.1} | {:.1} | {:.0} |",
+                c.strategy,
+                c.batch_max.map_or_else(|| "default".to_owned(), |b| b.to_string()),
+                c.scenario,
+                e.delivered,
+                e.lag_p50_ms,
+                e.lag_p99_ms,
+                e.per_second
+            );
+        }
+    }
     if pay {
         let _ = writeln!(md, "\nPayment phase (every buyer with an order pays it, all at once):\n");
         let _ = writeln!(md, "| strategy | batch | scenario | makespan ms | payments/s | p50 | p99 | paid |");

@@ -112,6 +112,69 @@ pub struct RunResult {
     pub counters: Counters,
     /// The other options' buyers (`catalogue`): their latencies and how many got an order.
     pub cold: Option<(Vec<Duration>, usize)>,
+    /// How the outbox's relay kept up (none with `SHOP_OUTBOX=false`).
+    pub events: Option<EventFigures>,
+}
+
+/// The relay's deliveries of the run's events, read from the outbox once it is empty.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventFigures {
+    pub delivered: i64,
+    /// From an event's recording (in its order's transaction) to its delivery.
+    pub lag_p50_ms: f64,
+    pub lag_p99_ms: f64,
+    /// Delivered events over the time from the first recorded to the last delivered.
+    pub per_second: f64,
+}
+
+/// Waits (at most 60 s) until every event of the run is delivered, then reads the lags from the outbox.
+async fn event_figures(database_url: &str) -> Option<EventFigures> {
+    use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+    let db = Database::connect(database_url).await.ok()?;
+    let one = |sql: &str| Statement::from_string(DbBackend::Postgres, sql.to_owned());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting = db
+            .query_one_raw(one(
+                "SELECT (SELECT count(*) FROM outbox_events WHERE handed_over_at IS NULL) \
+                 + (SELECT count(*) FROM outbox_deliveries WHERE status = 'pending') AS n",
+            ))
+            .await
+            .ok()??
+            .try_get::<i64>("", "n")
+            .ok()?;
+        if waiting == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let row = db
+        .query_one_raw(one(
+            "SELECT count(*) AS n, \
+             (percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM d.delivered_at - e.occurred_at)::float8)) \
+               * 1000 AS p50, \
+             (percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM d.delivered_at - e.occurred_at)::float8)) \
+               * 1000 AS p99, \
+             extract(epoch FROM max(d.delivered_at) - min(e.occurred_at))::float8 AS span \
+             FROM outbox_deliveries d JOIN outbox_events e ON e.id = d.event_seq WHERE d.status = 'delivered'",
+        ))
+        .await
+        .ok()??;
+    let delivered: i64 = row.try_get("", "n").ok()?;
+    if delivered == 0 {
+        return None;
+    }
+    let span: f64 = row.try_get("", "span").ok()?;
+    db.close().await.ok();
+    Some(EventFigures {
+        delivered,
+        lag_p50_ms: row.try_get("", "p50").ok()?,
+        lag_p99_ms: row.try_get("", "p99").ok()?,
+        per_second: delivered as f64 / span.max(1e-6),
+    })
 }
 
 /// The order-phase deltas of the servers' `/metrics` counters.
@@ -341,6 +404,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         payment,
         counters,
         cold,
+        events: event_figures(database_url).await,
     })
 }
 

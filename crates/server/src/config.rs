@@ -559,6 +559,12 @@ impl Settings {
                 message: format!("{} is not an http:// or https:// URL", redact_url(&bad.url)),
             });
         }
+        if let Some(bad) = self.webhooks.iter().find(|w| w.secret.trim().len() < 8) {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_WEBHOOKS",
+                message: format!("the secret of {} is shorter than 8 bytes", redact_url(&bad.url)),
+            });
+        }
         if self.webhook_max_attempts == 0 || self.relay_poll_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 key: "SHOP_WEBHOOK_MAX_ATTEMPTS",
