@@ -53,11 +53,17 @@ struct Cli {
     /// Database pool size of each instance.
     #[arg(long, default_value_t = 16)]
     pool: u32,
+    /// Scrape every instance's `/metrics` every this many milliseconds during the order phase; the last scrape
+    /// goes to `<out>/scrape.txt`.
+    #[arg(long)]
+    scrape_ms: Option<u64>,
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Built beside shop-server, reqwest has rustls without a provider of its own; a second install is a no-op.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let scenarios: Vec<Scenario> = match cli.scenarios.iter().map(|s| s.parse()).collect() {
         Ok(s) => s,
         Err(e) => {
@@ -107,6 +113,8 @@ async fn main() -> ExitCode {
                         batch_max: *batch,
                         pool: cli.pool,
                         pay: cli.pay,
+                        scrape: cli.scrape_ms.map(std::time::Duration::from_millis),
+                        scrape_out: cli.scrape_ms.map(|_| cli.out.join("scrape.txt")),
                     };
                     match scenario::run(&setup, scenario).await {
                         Ok(result) => runs.push(result),

@@ -90,6 +90,10 @@ pub struct Setup {
     pub batch_max: Option<u32>,
     pub pool: u32,
     pub pay: bool,
+    /// Scrape every instance's `/metrics` this often during the order phase (what Prometheus does in a sale).
+    pub scrape: Option<Duration>,
+    /// Where the last scrape of the order phase is written.
+    pub scrape_out: Option<std::path::PathBuf>,
 }
 
 /// What one run measured.
@@ -323,11 +327,37 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
             })
         })
         .collect();
+    let scraping = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let scraper = setup.scrape.map(|every| {
+        let (client, bases, scraping) = (client.clone(), servers.bases.clone(), scraping.clone());
+        tokio::spawn(async move {
+            let (mut scrapes, mut last) = (0_usize, String::new());
+            let mut tick = tokio::time::interval(every);
+            while scraping.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                for base in &bases {
+                    if let Ok(r) = client.get(format!("{base}/metrics")).send().await {
+                        last = r.text().await.unwrap_or_default();
+                        scrapes += 1;
+                    }
+                }
+            }
+            (scrapes, last)
+        })
+    });
     barrier.wait().await;
     let started = Instant::now();
     let mut answers = Vec::with_capacity(tasks.len());
     for task in tasks {
         answers.push(task.await.map_err(|e| e.to_string())?);
+    }
+    scraping.store(false, std::sync::atomic::Ordering::Relaxed);
+    if let Some(scraper) = scraper {
+        let (scrapes, last) = scraper.await.map_err(|e| e.to_string())?;
+        eprintln!("scraped /metrics {scrapes} times during the order phase");
+        if let Some(path) = &setup.scrape_out {
+            std::fs::write(path, last).map_err(|e| e.to_string())?;
+        }
     }
     // The hot option's buyers come first; the figures of the table are theirs, the rest's are `cold`.
     let hot = &answers[..scenario.buyers];
