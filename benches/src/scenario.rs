@@ -139,10 +139,8 @@ async fn event_figures(database_url: &str) -> Option<EventFigures> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let waiting = db
-            .query_one_raw(one(
-                "SELECT (SELECT count(*) FROM outbox_events WHERE handed_over_at IS NULL) \
-                 + (SELECT count(*) FROM outbox_deliveries WHERE status = 'pending') AS n",
-            ))
+            .query_one_raw(one("SELECT (SELECT count(*) FROM outbox_events WHERE handed_over_at IS NULL) \
+                 + (SELECT count(*) FROM outbox_deliveries WHERE status = 'pending') AS n"))
             .await
             .ok()??
             .try_get::<i64>("", "n")

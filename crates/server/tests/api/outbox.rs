@@ -456,8 +456,7 @@ async fn events_committed_before_a_kill_9_are_delivered_after_the_restart() {
             })
         })
         .collect();
-    within(Duration::from_secs(30), "fifty orders answered", || async { answered.load(Ordering::SeqCst) >= 50 })
-    .await;
+    within(Duration::from_secs(30), "fifty orders answered", || async { answered.load(Ordering::SeqCst) >= 50 }).await;
     first.kill().unwrap();
     first.wait().unwrap();
     let mut confirmed = BTreeSet::new();
