@@ -2,10 +2,12 @@
 //! 1,000 on 1,000 over two instances), run against real release `shop-server` processes over a fresh PostgreSQL
 //! database per run, for each stock strategy; the median of N runs per cell goes to `benches/results/`.
 //!
+//! - [`api`]: signing buyers up and in.
 //! - [`instances`]: building and starting servers, fresh databases.
 //! - [`scenario`]: one run: set up through the API, release every buyer at once, measure, verify.
 //! - [`report`]: statistics, the Markdown table and the SVG chart.
 
+mod api;
 mod instances;
 mod report;
 mod scenario;

@@ -281,8 +281,11 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
     }
     let everyone = scenario.buyers + scenario.cold.map_or(0, |c| c.buyers);
     // Each buyer signs up, signs in and (to pay) charges its balance, a few dozen at a time, before the clock.
-    let signed: Vec<Result<(i64, String), String>> =
-        futures::stream::iter(0..everyone).map(|i| sign_up(&client, base, i, setup.pay)).buffered(32).collect().await;
+    let signed: Vec<Result<(i64, String), String>> = futures::stream::iter(0..everyone)
+        .map(|i| crate::api::sign_up(&client, base, i, setup.pay))
+        .buffered(32)
+        .collect()
+        .await;
     let (buyers, tokens): (Vec<i64>, Vec<String>) =
         signed.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
     // Buyer i orders the hot option, or (past the hot option's buyers) one of the other options in turn.
@@ -434,42 +437,6 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         cold,
         events: event_figures(database_url).await,
     })
-}
-
-/// Buyer `i` signs up and signs in (and, to pay, charges 10,000 won): its id and access token.
-async fn sign_up(client: &reqwest::Client, base: &str, i: usize, pay: bool) -> Result<(i64, String), String> {
-    let (name, password) = (format!("buyer-{i}"), format!("password of buyer {i}"));
-    let credentials = json!({"name": name, "password": password});
-    let user: Value = client
-        .post(format!("{base}/api/v1/users"))
-        .json(&credentials)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
-    let id = user["id"].as_i64().ok_or_else(|| format!("no user id: {user}"))?;
-    let session: Value = client
-        .post(format!("{base}/api/v1/auth/token"))
-        .json(&credentials)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
-    let token = session["accessToken"].as_str().ok_or_else(|| format!("no access token: {session}"))?.to_owned();
-    if pay {
-        client
-            .post(format!("{base}/api/v1/users/{id}/balance/charge"))
-            .bearer_auth(&token)
-            .json(&json!({"amount": 10_000}))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    Ok((id, token))
 }
 
 /// Every buyer with an order pays it, all at once; the payment phase's makespan, latencies and successes.

@@ -531,3 +531,23 @@ macro_rules! on_both_stores {
         }
     )*};
 }
+
+/// A `shop-server` process (the binary, not in-process) over `app`'s database with these extra settings, on a
+/// free port: its child and base URL. It may not be ready yet.
+pub fn server_process(app: &TestApp, env: &[(&str, &str)]) -> (std::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("port").port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_shop-server"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SHOP_DATABASE_URL", &app.settings.database_url)
+        .env("SHOP_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("SHOP_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SHOP_AUTH_SECRET", AUTH_SECRET)
+        .env("SHOP_SEED_DEMO", "false")
+        .env("RUST_LOG", "error")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("shop-server starts");
+    (child, format!("http://127.0.0.1:{port}"))
+}

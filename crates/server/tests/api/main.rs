@@ -18,4 +18,5 @@ mod products;
 mod proxy;
 mod redis_locks;
 mod redis_optimistic;
+mod shutdown;
 mod users;

@@ -11,7 +11,7 @@ use fred::prelude::{Builder, Client, ClientLike, Config, StreamsInterface};
 use serde_json::{Value, json};
 use shop_server::StockStrategyName;
 
-use crate::helpers::{ADMIN_TOKEN, AUTH_SECRET, Resp, Store, TestApp, race};
+use crate::helpers::{ADMIN_TOKEN, Resp, Store, TestApp, race};
 use crate::redis_locks::{REDIS, prefix, redis_up};
 
 async fn order(app: &TestApp, user: i64, option: i64, quantity: i64) -> Resp {
@@ -394,24 +394,13 @@ async fn webhooks_are_signed_retried_dead_lettered_and_retried_by_an_admin() {
 
 /// A `shop-server` process over `app`'s database whose stream sink writes to `redis_url`, ready to serve.
 async fn server_process(app: &TestApp, redis_url: &str, prefix: &str) -> (std::process::Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let base = format!("http://127.0.0.1:{port}");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_shop-server"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("SHOP_DATABASE_URL", &app.settings.database_url)
-        .env("SHOP_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("SHOP_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("SHOP_AUTH_SECRET", AUTH_SECRET)
-        .env("SHOP_STOCK_STRATEGY", "pessimistic")
-        .env("SHOP_REDIS_URL", redis_url)
-        .env("SHOP_REDIS_KEY_PREFIX", prefix)
-        .env("SHOP_RELAY_POLL_INTERVAL", "50ms")
-        .env("SHOP_SEED_DEMO", "false")
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let env = [
+        ("SHOP_STOCK_STRATEGY", "pessimistic"),
+        ("SHOP_REDIS_URL", redis_url),
+        ("SHOP_REDIS_KEY_PREFIX", prefix),
+        ("SHOP_RELAY_POLL_INTERVAL", "50ms"),
+    ];
+    let (child, base) = crate::helpers::server_process(app, &env);
     let probe = reqwest::Client::new();
     within(Duration::from_secs(30), "the server process is ready", || async {
         probe.get(format!("{base}/health/ready")).send().await.is_ok_and(|r| r.status() == 200)
