@@ -5,10 +5,12 @@
 //! - [`api`]: signing buyers up and in.
 //! - [`instances`]: building and starting servers, fresh databases.
 //! - [`scenario`]: one run: set up through the API, release every buyer at once, measure, verify.
+//! - [`reads`]: `--reads`, the catalogue's read routes against the floor, during a sale, and deep pages.
 //! - [`report`]: statistics, the Markdown table and the SVG chart.
 
 mod api;
 mod instances;
+mod reads;
 mod report;
 mod scenario;
 
@@ -59,6 +61,10 @@ struct Cli {
     /// goes to `<out>/scrape.txt`.
     #[arg(long)]
     scrape_ms: Option<u64>,
+    /// Measure the catalogue's reads instead (with the first strategy): each route against the floor, product
+    /// reads during a 5,000-buyer sale, deep pages of 100,000 products; the table goes to `<out>/reads.md`.
+    #[arg(long)]
+    reads: bool,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -80,6 +86,9 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if cli.reads {
+        return reads_only(&cli, binary).await;
+    }
     let batches: Vec<Option<u32>> =
         if cli.batch_max.is_empty() { vec![None] } else { cli.batch_max.iter().copied().map(Some).collect() };
     let total = cli.strategies.len() * scenarios.len() * batches.len() * cli.repeat;
@@ -141,4 +150,37 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--reads`: the read benchmark, `--repeat` times, the medians to `<out>/reads.md`.
+async fn reads_only(cli: &Cli, binary: PathBuf) -> ExitCode {
+    let setup = scenario::Setup {
+        binary,
+        postgres: cli.postgres.clone(),
+        redis: cli.redis.clone(),
+        redlock: Vec::new(),
+        strategy: cli.strategies.first().cloned().unwrap_or_else(|| "conditional".into()),
+        batch_max: None,
+        pool: cli.pool,
+        pay: false,
+        scrape: None,
+        scrape_out: None,
+    };
+    let mut runs = Vec::new();
+    for run in 0..cli.repeat {
+        match reads::run(&setup).await {
+            Ok(r) => runs.push(r),
+            Err(e) => eprintln!("reads, run {}: failed: {e}", run + 1),
+        }
+    }
+    if runs.is_empty() {
+        return ExitCode::FAILURE;
+    }
+    let table = reads::report(&runs);
+    println!("{table}");
+    if let Err(e) = std::fs::create_dir_all(&cli.out).and_then(|()| std::fs::write(cli.out.join("reads.md"), &table)) {
+        eprintln!("shop-bench: writing the results: {e}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }

@@ -16,6 +16,7 @@ mod m20261125_000003_idempotency_keys;
 mod m20261202_000004_accounts;
 mod m20261202_000005_upper_bounds;
 mod m20261203_000006_outbox;
+mod m20261203_000007_live_products_index;
 
 /// The ordered list of the shop's schema migrations.
 #[derive(Debug, Clone, Copy, Default)]
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000004_accounts::Migration),
             Box::new(m20261202_000005_upper_bounds::Migration),
             Box::new(m20261203_000006_outbox::Migration),
+            Box::new(m20261203_000007_live_products_index::Migration),
         ]
     }
 }

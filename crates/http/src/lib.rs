@@ -4,6 +4,7 @@
 //! converted to domain values at the edge, where a bad value becomes a 400 problem.
 //!
 //! - [`problem`]: [`ApiError`] and the one table from error to status and `code`.
+//! - [`cache`]: the catalogue's read cache of serialized responses, with their `ETag`s.
 //! - [`connection`]: whether a request's client is still connected (for requests that wait in a queue).
 //! - [`extract`]: the JSON body extractor that names the field at fault, and the admin token check.
 //! - [`request_id`]: `x-request-id` and the per-request tracing span.
@@ -11,6 +12,7 @@
 //! - [`routes`]: one module per resource.
 //! - [`openapi()`]: the OpenAPI 3.1 document, built from the same registrations that serve the routes.
 
+pub mod cache;
 pub mod connection;
 pub mod extract;
 pub mod idempotency;
@@ -48,6 +50,8 @@ pub struct AppState {
     /// rather than per the peer: on only behind a proxy that sets them.
     pub trust_forwarded_for: bool,
     pub catalog: CatalogService,
+    /// The serialized catalogue responses (detail, pages, rankings) this instance serves without the database.
+    pub catalogue_cache: cache::CatalogueCache,
     pub cart: CartService,
     pub orders: OrderService,
     pub idempotency: IdempotencyService,

@@ -12,7 +12,7 @@ use sea_orm::{
 use shop_domain::ids::{ProductId, ProductOptionId};
 use shop_domain::money::{Money, Stock};
 use shop_domain::order::OrderStatus;
-use shop_domain::page::{Page, PageRequest};
+use shop_domain::page::PageRequest;
 use shop_domain::ports::ProductRepository;
 use shop_domain::product::{NewProduct, Product, ProductOption};
 use shop_domain::sales::{DateRange, PopularProduct, RankingLimit};
@@ -66,26 +66,37 @@ fn to_product(m: product::Model, options: Vec<ProductOption>) -> Result<Product,
 
 #[async_trait]
 impl ProductRepository for SeaProductRepository {
-    async fn list(&self, page: PageRequest) -> Result<Page<Product>, DomainError> {
-        let live = product::Entity::find().filter(product::Column::DeletedAt.is_null());
-        let total = live.clone().count(&self.db).await.map_err(db)?;
-        let rows = live
+    async fn list(&self, page: PageRequest) -> Result<Vec<Product>, DomainError> {
+        // The page's ids from the live-products index alone, then only those rows: a deep OFFSET walks index
+        // entries, not table rows.
+        let ids: Vec<i64> = product::Entity::find()
+            .select_only()
+            .column(product::Column::Id)
+            .filter(product::Column::DeletedAt.is_null())
             .order_by_asc(product::Column::Id)
             .offset(page.offset())
             .limit(page.size())
+            .into_tuple()
             .all(&self.db)
             .await
             .map_err(db)?;
-        let ids: Vec<i64> = rows.iter().map(|p| p.id).collect();
+        let rows = product::Entity::find()
+            .filter(product::Column::Id.is_in(ids.clone()))
+            .order_by_asc(product::Column::Id)
+            .all(&self.db)
+            .await
+            .map_err(db)?;
         let mut options = self.options_of(&ids).await?;
-        let items = rows
-            .into_iter()
+        rows.into_iter()
             .map(|p| {
                 let opts = options.remove(&p.id).unwrap_or_default();
                 to_product(p, opts)
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Page { items, page: page.page(), size: page.size(), total })
+            .collect()
+    }
+
+    async fn count_live(&self) -> Result<u64, DomainError> {
+        product::Entity::find().filter(product::Column::DeletedAt.is_null()).count(&self.db).await.map_err(db)
     }
 
     async fn find(&self, id: ProductId) -> Result<Option<Product>, DomainError> {

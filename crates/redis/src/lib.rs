@@ -29,6 +29,8 @@
 //!   with WATCH/MULTI/EXEC, its give-back, loading and reconciliation.
 //! - [`throttle`]: [`RedisThrottle`], failed sign-ins counted per key across every instance.
 //! - [`stream`]: [`RedisStreamSink`], the outbox's events appended to a Redis stream.
+//! - [`catalogue`]: [`CatalogueChannel`], what a commit changed in the catalogue, told to every instance's cache
+//!   (`{prefix}:catalogue`).
 //! - [`probe`]: [`RedisProbe`], PING for `/health/ready`.
 //! - `scripts`: the Lua scripts (acquire, unlock, extend, raise-fence; the fair queue's acquire, release and leave)
 //!   and the keys they derive.
@@ -41,6 +43,7 @@
 //! old one; a database restored from an older backup keeps its id, and the mirror then notices that it is of a
 //! newer state ([`RedisOptimisticStock::check_against_database`]) and drops itself.
 
+pub mod catalogue;
 pub mod lock;
 mod node;
 pub mod optimistic;
@@ -53,6 +56,7 @@ pub mod strategy;
 pub mod stream;
 pub mod throttle;
 
+pub use catalogue::{CatalogueChange, CatalogueChannel, catalogue_channel};
 pub use lock::{DistributedLock, LockError, LockGuard, LockOptions};
 pub use optimistic::{OptimisticSettings, ReconcileReport, RedisOptimisticStock};
 pub use probe::RedisProbe;

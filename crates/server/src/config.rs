@@ -187,6 +187,15 @@ pub struct Settings {
     /// How long one delivery may take before it counts as failed.
     #[serde(with = "duration_text")]
     pub webhook_timeout: Duration,
+    /// Megabytes of serialized catalogue responses (detail, pages, rankings) one instance caches; 0 turns the
+    /// cache off.
+    pub catalogue_cache_mb: u64,
+    /// How old a cached product detail or page may be (its stock included), and its `Cache-Control: max-age`.
+    #[serde(with = "duration_text")]
+    pub catalogue_max_staleness: Duration,
+    /// How old a cached popular ranking may be.
+    #[serde(with = "duration_text")]
+    pub catalogue_popular_staleness: Duration,
 }
 
 /// Durations as people write them: `250ms`, `90s`, `15m`, `1h`; a bare number is seconds.
@@ -277,6 +286,9 @@ impl fmt::Debug for Settings {
             .field("webhook_retry_base", &self.webhook_retry_base)
             .field("webhook_retry_max", &self.webhook_retry_max)
             .field("webhook_timeout", &self.webhook_timeout)
+            .field("catalogue_cache_mb", &self.catalogue_cache_mb)
+            .field("catalogue_max_staleness", &self.catalogue_max_staleness)
+            .field("catalogue_popular_staleness", &self.catalogue_popular_staleness)
             .finish()
     }
 }
@@ -422,6 +434,9 @@ impl Default for Settings {
             webhook_retry_base: Duration::from_secs(1),
             webhook_retry_max: Duration::from_secs(600),
             webhook_timeout: Duration::from_secs(5),
+            catalogue_cache_mb: 64,
+            catalogue_max_staleness: Duration::from_secs(1),
+            catalogue_popular_staleness: Duration::from_secs(30),
         }
     }
 }
@@ -563,6 +578,14 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "SHOP_WEBHOOKS",
                 message: format!("the secret of {} is shorter than 8 bytes", redact_url(&bad.url)),
+            });
+        }
+        if self.catalogue_max_staleness.is_zero() || self.catalogue_popular_staleness.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "SHOP_CATALOGUE_MAX_STALENESS",
+                message: "the catalogue's staleness bounds must be above zero (SHOP_CATALOGUE_CACHE_MB=0 turns the \
+                          cache off)"
+                    .into(),
             });
         }
         if self.webhook_max_attempts == 0 || self.relay_poll_interval.is_zero() {

@@ -120,7 +120,8 @@ impl Application {
         if settings.is_sqlite() && settings.seed_demo {
             seed_demo(&settings, &db, clock.as_ref(), hasher.as_ref()).await?;
         }
-        let wiring::Wired { state, mirror, stock_prefix, relay } = wiring::wire(&settings, &db, clock, hasher).await?;
+        let wiring::Wired { state, mirror, stock_prefix, relay, catalogue_listener } =
+            wiring::wire(&settings, &db, clock, hasher).await?;
         let mut background = vec![tokio::spawn(background::sweep(
             state.orders.clone(),
             state.idempotency.clone(),
@@ -132,6 +133,7 @@ impl Application {
         if let Some(relay) = relay {
             background.push(tokio::spawn(relay.run()));
         }
+        background.extend(catalogue_listener);
         if let Some(mirror) = mirror {
             background
                 .push(tokio::spawn(background::reconcile_periodically(mirror, settings.stock_reconcile_interval)));

@@ -16,15 +16,17 @@ use shop_domain::services::{
 };
 use shop_domain::stock::{ConditionalStock, LocalLockStock, OptimisticStock, PessimisticStock};
 use shop_http::AppState;
+use shop_http::cache::{CacheSettings, CatalogueCache};
 use shop_persistence::{
     DatabaseProbe, PoolSettings, SeaCartRepository, SeaIdempotencyStore, SeaOrderRepository, SeaOutbox,
     SeaProductRepository, SeaSessionStore, SeaUnitOfWork, SeaUserRepository,
 };
 use shop_redis::{
-    LockOptions, OptimisticSettings, PubSubLock, RedisLockStock, RedisOptimisticStock, RedisStreamSink, RedisThrottle,
-    Redlock, SpinLock,
+    CatalogueChannel, LockOptions, OptimisticSettings, PubSubLock, RedisLockStock, RedisOptimisticStock,
+    RedisStreamSink, RedisThrottle, Redlock, SpinLock,
 };
 
+use crate::catalogue::CatalogueReaders;
 use crate::config::{ConfigError, Settings, StockStrategy as StockStrategyName};
 use crate::events::{LogSink, WebhookSink};
 use crate::startup::StartupError;
@@ -240,6 +242,8 @@ pub(crate) struct Wired {
     pub stock_prefix: String,
     /// The outbox's relay; `None` with the outbox off.
     pub relay: Option<Relay>,
+    /// Applies the other instances' catalogue changes to this one's cache (with Redis).
+    pub catalogue_listener: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Every use case on the adapters the settings choose, and the stock mirror when the strategy keeps one.
@@ -280,8 +284,25 @@ pub(crate) async fn wire(
         Some(relay) => Events::Recorded(Arc::new(relay.clone())),
         None => Events::Off,
     };
+    let catalogue_cache = CatalogueCache::new(CacheSettings {
+        max_bytes: settings.catalogue_cache_mb << 20,
+        stock_staleness: settings.catalogue_max_staleness,
+        popular_staleness: settings.catalogue_popular_staleness,
+    });
+    let (channel, catalogue_listener) = match &settings.redis_url {
+        Some(url) => {
+            // Under the database's own prefix: another database on the same Redis has its own catalogue.
+            let (channel, heard) = CatalogueChannel::connect(url, &stock_prefix)
+                .map_err(|source| StartupError::Redis { strategy: settings.stock_strategy, source })?;
+            (Some(Arc::new(channel)), Some(crate::catalogue::listen(catalogue_cache.clone(), heard)))
+        }
+        None => (None, None),
+    };
+    let readers: Arc<dyn shop_domain::ports::CatalogueChanges> =
+        Arc::new(CatalogueReaders::new(catalogue_cache.clone(), channel));
     let placing = OrderService::new(uow.clone(), orders, users.clone(), stock, clock.clone(), events)
         .with_stock_mirror(stock_mirror.clone())
+        .with_catalogue_changes(readers.clone())
         .with_pending_caps(caps)
         .combining(combining);
     let metrics: shop_http::RenderMetrics = {
@@ -313,7 +334,10 @@ pub(crate) async fn wire(
             IDEMPOTENCY_TTL,
             IDEMPOTENCY_LEASE,
         ),
-        catalog: CatalogService::new(products, clock.clone()).with_stock_mirror(stock_mirror.clone()),
+        catalog: CatalogService::new(products, clock.clone())
+            .with_stock_mirror(stock_mirror.clone())
+            .with_catalogue_changes(readers),
+        catalogue_cache,
         orders: placing.clone(),
         cart: CartService::new(carts, users, uow, clock),
         admin_token: settings.admin_token.as_deref().map(Arc::from),
@@ -321,5 +345,5 @@ pub(crate) async fn wire(
         metrics,
         relay: relay.clone(),
     };
-    Ok(Wired { state, mirror, stock_prefix, relay })
+    Ok(Wired { state, mirror, stock_prefix, relay, catalogue_listener })
 }

@@ -46,6 +46,8 @@ fn command(envs: &[(&str, &str)]) -> Command {
 }
 
 async fn start(envs: &[(&str, &str)]) -> Server {
+    // Before any client is built, here and in the tests: reqwest's rustls has no provider of its own.
+    shop_server::events::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("shop.db").display());
     let port = free_port();
@@ -105,7 +107,6 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_the_access_log_describe_every_request() {
     let server = start(&[("SHOP_LOG_FORMAT", "json"), ("RUST_LOG", "info")]).await;
-    shop_server::events::install_crypto_provider();
     let http = reqwest::Client::new();
     let url = |path: &str| format!("{}{path}", server.base);
     let created: Value = http

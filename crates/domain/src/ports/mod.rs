@@ -12,9 +12,11 @@
 //! - [`auth`]: password hashing, tokens, sessions and the sign-in throttle.
 //! - [`stock`]: the stock strategy port with the rows and permits it works with, and the stock mirror.
 //! - [`outbox`]: the outbox of recorded events, the sinks, and the signal that wakes the relay.
+//! - [`catalogue`]: what a cache of the catalogue hears after a commit changed it.
 //! - here: the clock, readiness probes, and whether a client is still connected.
 
 pub mod auth;
+pub mod catalogue;
 pub mod outbox;
 pub mod repositories;
 pub mod stock;
@@ -29,6 +31,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use crate::error::DomainError;
 
 pub use auth::{PasswordHasher, SessionStore, SignInThrottle, Tokens};
+pub use catalogue::{CatalogueChanges, NoCatalogueReaders};
 pub use outbox::{DeliveryClaim, EventSink, Outbox, OutboxClaim, OutboxSignal};
 pub use repositories::{CartRepository, IdempotencyStore, OrderRepository, ProductRepository, UserRepository};
 pub use stock::{
@@ -38,6 +41,8 @@ pub use transaction::{CartTx, IdempotencyTx, OrderTx, OutboxTx, PaymentTx, Stock
 
 #[cfg(any(test, feature = "mocks"))]
 pub use auth::{MockPasswordHasher, MockSessionStore, MockSignInThrottle, MockTokens};
+#[cfg(any(test, feature = "mocks"))]
+pub use catalogue::MockCatalogueChanges;
 #[cfg(any(test, feature = "mocks"))]
 pub use outbox::{MockOutbox, MockOutboxSignal};
 #[cfg(any(test, feature = "mocks"))]

@@ -51,8 +51,11 @@ pub trait UserRepository: Send + Sync {
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait ProductRepository: Send + Sync {
-    /// Products that are not soft-deleted, by id, each with its live options.
-    async fn list(&self, page: PageRequest) -> Result<Page<Product>, DomainError>;
+    /// A page of the products that are not soft-deleted, by id, each with its live options.
+    async fn list(&self, page: PageRequest) -> Result<Vec<Product>, DomainError>;
+
+    /// How many products are not soft-deleted.
+    async fn count_live(&self) -> Result<u64, DomainError>;
 
     /// A product that is not soft-deleted, with its live options.
     async fn find(&self, id: ProductId) -> Result<Option<Product>, DomainError>;

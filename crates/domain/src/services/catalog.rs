@@ -8,7 +8,7 @@ use crate::error::DomainError;
 use crate::ids::{ProductId, ProductOptionId};
 use crate::money::Stock;
 use crate::page::{Page, PageRequest};
-use crate::ports::{Clock, NoStockMirror, ProductRepository, StockMirror};
+use crate::ports::{CatalogueChanges, Clock, NoCatalogueReaders, NoStockMirror, ProductRepository, StockMirror};
 use crate::product::{NewProduct, Product, ProductOption};
 use crate::sales::{DateRange, PopularProduct, RankingLimit};
 
@@ -17,6 +17,7 @@ pub struct CatalogService {
     products: Arc<dyn ProductRepository>,
     clock: Arc<dyn Clock>,
     mirror: Arc<dyn StockMirror>,
+    catalogue: Arc<dyn CatalogueChanges>,
 }
 
 impl std::fmt::Debug for CatalogService {
@@ -34,7 +35,7 @@ pub struct Ranking {
 
 impl CatalogService {
     pub fn new(products: Arc<dyn ProductRepository>, clock: Arc<dyn Clock>) -> Self {
-        Self { products, clock, mirror: Arc::new(NoStockMirror) }
+        Self { products, clock, mirror: Arc::new(NoStockMirror), catalogue: Arc::new(NoCatalogueReaders) }
     }
 
     /// Tells `mirror` of every stock count an admin sets (after it is stored): the strategy's copy of the stock,
@@ -45,10 +46,36 @@ impl CatalogService {
         self
     }
 
+    /// Tells `catalogue` of every product added and stock count set, after the write.
+    #[must_use]
+    pub fn with_catalogue_changes(mut self, catalogue: Arc<dyn CatalogueChanges>) -> Self {
+        self.catalogue = catalogue;
+        self
+    }
+
+    /// A page of products with the total.
+    ///
     /// # Errors
     /// [`DomainError::Unexpected`] when the store fails.
     pub async fn list(&self, page: PageRequest) -> Result<Page<Product>, DomainError> {
+        let total = self.products.count_live().await?;
+        Ok(Page { items: self.products.list(page).await?, page: page.page(), size: page.size(), total })
+    }
+
+    /// A page of products without the total (for a reader that knows it).
+    ///
+    /// # Errors
+    /// [`DomainError::Unexpected`] when the store fails.
+    pub async fn list_items(&self, page: PageRequest) -> Result<Vec<Product>, DomainError> {
         self.products.list(page).await
+    }
+
+    /// How many products are on the shelf.
+    ///
+    /// # Errors
+    /// [`DomainError::Unexpected`] when the store fails.
+    pub async fn count(&self) -> Result<u64, DomainError> {
+        self.products.count_live().await
     }
 
     /// # Errors
@@ -75,7 +102,9 @@ impl CatalogService {
     /// # Errors
     /// [`DomainError::Unexpected`] when the store fails.
     pub async fn create(&self, product: NewProduct) -> Result<Product, DomainError> {
-        self.products.create(&product, self.clock.now()).await
+        let created = self.products.create(&product, self.clock.now()).await?;
+        self.catalogue.products_changed().await;
+        Ok(created)
     }
 
     /// # Errors
@@ -83,6 +112,7 @@ impl CatalogService {
     pub async fn set_stock(&self, id: ProductOptionId, stock: Stock) -> Result<ProductOption, DomainError> {
         let option = self.products.set_stock(id, stock, self.clock.now()).await?;
         self.mirror.stock_set(id, option.stock).await;
+        self.catalogue.stock_moved(&[id]).await;
         Ok(option)
     }
 }

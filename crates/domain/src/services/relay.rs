@@ -263,8 +263,11 @@ impl Relay {
         if !outbox.retry_failed(id, self.inner.clock.now()).await? {
             return Err(DomainError::EventNotFailed(id.to_owned()));
         }
+        // Read before the relay is woken: the answer is the event as the retry left it (pending), not whatever
+        // the relay made of it a moment later.
+        let requeued = outbox.find(id).await?.ok_or_else(|| DomainError::EventNotFound(id.to_owned()))?;
         self.inner.queued.notify_waiters();
-        outbox.find(id).await?.ok_or_else(|| DomainError::EventNotFound(id.to_owned()))
+        Ok(requeued)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The catalogue: paged list, one product, and the popular-products ranking.
 
-use actix_web::{HttpResponse, get, web};
+use actix_web::{HttpRequest, HttpResponse, get, web};
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 use shop_domain::ids::ProductId;
@@ -78,6 +78,16 @@ pub struct ProductPage {
     pub total: u64,
 }
 
+/// `If-None-Match`, as the OpenAPI document describes it.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IfNoneMatchParam {
+    /// The `ETag` of a copy the client holds: answered 304 with no body while it is current.
+    #[param(rename = "If-None-Match")]
+    #[allow(dead_code)]
+    if_none_match: Option<String>,
+}
+
 /// `?page=1&size=20`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -96,27 +106,43 @@ impl PageQuery {
     }
 }
 
-/// Products on the shelf (not soft-deleted), by id, with their options.
+/// Products on the shelf (not soft-deleted), by id, with their options. Served from the instance's cache: the
+/// stock shown is at most `SHOP_CATALOGUE_MAX_STALENESS` old (1 s by default), and current at once after a change
+/// this deployment made when Redis carries the news between instances.
 #[utoipa::path(
     tag = "products",
-    params(PageQuery),
+    params(PageQuery, IfNoneMatchParam),
     responses(
-        (status = 200, description = "A page of products", body = ProductPage),
+        (status = 200, description = "A page of products", body = ProductPage, headers(("ETag" = String, description = "This version of the response"), ("Cache-Control" = String, description = "public, max-age: how long the instance itself may serve it unchanged"))),
+        (status = 304, description = "Not modified: the If-None-Match tag is this version (no body)"),
         (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[get("/api/v1/products")]
 pub async fn list_products(
+    request: HttpRequest,
     state: web::Data<AppState>,
     ValidQuery(query): ValidQuery<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let page = state.catalog.list(query.parse()?).await?;
-    Ok(HttpResponse::Ok().json(ProductPage {
-        items: page.items.into_iter().map(ProductResponse::from).collect(),
-        page: page.page,
-        size: page.size,
-        total: page.total,
-    }))
+    let wanted = query.parse()?;
+    let (catalog, cache) = (state.catalog.clone(), state.catalogue_cache.clone());
+    let cached = state
+        .catalogue_cache
+        .page(wanted.page(), wanted.size(), async move {
+            let total = cache.total(catalog.count()).await?;
+            let items = catalog.list_items(wanted).await?;
+            let shown: Vec<(i64, i64)> =
+                items.iter().flat_map(|p| p.options.iter().map(move |o| (p.id.get(), o.id.get()))).collect();
+            let body = ProductPage {
+                items: items.into_iter().map(ProductResponse::from).collect(),
+                page: wanted.page(),
+                size: wanted.size(),
+                total,
+            };
+            Ok((body, shown))
+        })
+        .await?;
+    Ok(cached.respond(&request))
 }
 
 /// `?from=2026-11-23&to=2026-11-25&limit=5`.
@@ -166,39 +192,63 @@ pub struct PopularResponse {
 /// id. The range may span at most 92 days.
 #[utoipa::path(
     tag = "products",
-    params(PopularQuery),
+    params(PopularQuery, IfNoneMatchParam),
     responses(
-        (status = 200, description = "The ranking", body = PopularResponse),
+        (status = 200, description = "The ranking", body = PopularResponse, headers(("ETag" = String, description = "This version of the response"), ("Cache-Control" = String, description = "public, max-age: how long the instance itself may serve it unchanged"))),
+        (status = 304, description = "Not modified: the If-None-Match tag is this version (no body)"),
         (status = 400, description = "VALIDATION_FAILED: bad date, from after to, range over 92 days, or limit out of 1..=50", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[get("/api/v1/products/popular")]
 pub async fn popular_products(
+    request: HttpRequest,
     state: web::Data<AppState>,
     ValidQuery(query): ValidQuery<PopularQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let limit = query.limit.map(RankingLimit::new).transpose()?.unwrap_or(RankingLimit::DEFAULT);
-    let ranking = state.catalog.popular(query.from, query.to, limit).await?;
-    Ok(HttpResponse::Ok().json(PopularResponse {
-        from: ranking.range.from(),
-        to: ranking.range.to(),
-        items: ranking.items.into_iter().map(PopularItem::from).collect(),
-    }))
+    let key = (query.from, query.to, u8::try_from(limit.get()).unwrap_or(u8::MAX));
+    let catalog = state.catalog.clone();
+    let cached = state
+        .catalogue_cache
+        .popular(key, async move {
+            let ranking = catalog.popular(query.from, query.to, limit).await?;
+            Ok(PopularResponse {
+                from: ranking.range.from(),
+                to: ranking.range.to(),
+                items: ranking.items.into_iter().map(PopularItem::from).collect(),
+            })
+        })
+        .await?;
+    Ok(cached.respond(&request))
 }
 
-/// One product with its options. Soft-deleted products are 404.
+/// One product with its options. Soft-deleted products are 404. Cached as the list is (its stock at most
+/// `SHOP_CATALOGUE_MAX_STALENESS` old); orders never read the cache.
 #[utoipa::path(
     tag = "products",
-    params(("productId" = i64, Path, minimum = 1, description = "Product id")),
+    params(("productId" = i64, Path, minimum = 1, description = "Product id"), IfNoneMatchParam),
     responses(
-        (status = 200, description = "The product", body = ProductResponse),
+        (status = 200, description = "The product", body = ProductResponse, headers(("ETag" = String, description = "This version of the response"), ("Cache-Control" = String, description = "public, max-age: how long the instance itself may serve it unchanged"))),
+        (status = 304, description = "Not modified: the If-None-Match tag is this version (no body)"),
         (status = 400, description = "VALIDATION_FAILED", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "PRODUCT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     )
 )]
 #[get("/api/v1/products/{productId}")]
-pub async fn get_product(state: web::Data<AppState>, path: web::Path<i64>) -> Result<HttpResponse, ApiError> {
+pub async fn get_product(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<i64>,
+) -> Result<HttpResponse, ApiError> {
     let id = ProductId::new(path.into_inner())?;
-    let product = state.catalog.get(id).await?;
-    Ok(HttpResponse::Ok().json(ProductResponse::from(product)))
+    let catalog = state.catalog.clone();
+    let cached = state
+        .catalogue_cache
+        .product(id.get(), async move {
+            let product = catalog.get(id).await?;
+            let options = product.options.iter().map(|o| o.id.get()).collect();
+            Ok((ProductResponse::from(product), options))
+        })
+        .await?;
+    Ok(cached.respond(&request))
 }

@@ -170,7 +170,15 @@ impl TestApp {
 
     /// Another instance of the application over this one's database, as a scaled-out deployment runs it.
     pub async fn second_instance(&self) -> Self {
-        Self::start(self.settings.clone(), self.store, Backing::Borrowed, self.clock.clone()).await
+        self.second_instance_with(|_| {}).await
+    }
+
+    /// Another instance over this one's database with its settings changed by `tweak` (its Redis behind a
+    /// fault proxy, say).
+    pub async fn second_instance_with(&self, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = self.settings.clone();
+        tweak(&mut settings);
+        Self::start(settings, self.store, Backing::Borrowed, self.clock.clone()).await
     }
 
     async fn start(settings: Settings, store: Store, backing: Backing, clock: Arc<ShiftedClock>) -> Self {

@@ -5,6 +5,7 @@
 mod admin;
 mod auth;
 mod cart;
+mod catalogue;
 mod combining;
 mod faults;
 mod fencing;

@@ -154,7 +154,7 @@ async fn every_state_change_records_its_event(app: TestApp) {
 crate::on_both_stores!(every_state_change_records_its_event);
 
 /// A raw client of the Redis at `url`.
-async fn raw(url: &str) -> Client {
+pub(crate) async fn raw(url: &str) -> Client {
     let client = Builder::from_config(Config::from_url(url).unwrap()).build().unwrap();
     client.init().await.unwrap();
     client

@@ -133,9 +133,10 @@ async fn popular_ranks_by_units_sold_over_the_range(app: TestApp) {
     assert_eq!(r.body["items"][0]["name"], "c");
     let top1 = app.get("/api/v1/products/popular?from=2026-03-01&to=2026-03-03&limit=1").await;
     assert_eq!(top1.body["items"].as_array().unwrap().len(), 1);
-    // A soft-deleted product leaves the ranking.
+    // A soft-deleted product leaves the ranking. The deletion happens behind the API, which the catalogue cache
+    // hears nothing of: a ranking it has not cached yet shows it at once (a cached one within its bound).
     exec(&app, format!("UPDATE products SET deleted_at = CURRENT_TIMESTAMP WHERE id = {c}")).await;
-    let r = app.get("/api/v1/products/popular?from=2026-03-01&to=2026-03-03").await;
+    let r = app.get("/api/v1/products/popular?from=2026-03-01&to=2026-03-03&limit=4").await;
     assert_eq!(r.body["items"][0]["productId"], a);
 }
 

@@ -42,6 +42,7 @@ impl Core {
             }
             if !returned.is_empty() {
                 self.mirror.stock_returned(&returned).await;
+                self.catalogue.stock_moved(&returned.keys().copied().collect::<Vec<_>>()).await;
             }
             cancelled += moved.len();
             if (due.len() as u64) < batch {

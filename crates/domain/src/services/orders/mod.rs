@@ -39,8 +39,8 @@ use crate::order::{Order, OrderRequest};
 use crate::page::{Page, PageRequest};
 use crate::payment::{Payment, PaymentStatus};
 use crate::ports::{
-    Clock, Connection, NoStockMirror, OrderRepository, OutboxSignal, PaymentTx, StockMirror, StockStrategy, StockTx,
-    UnitOfWork, UserRepository,
+    CatalogueChanges, Clock, Connection, NoCatalogueReaders, NoStockMirror, OrderRepository, OutboxSignal, PaymentTx,
+    StockMirror, StockStrategy, StockTx, UnitOfWork, UserRepository,
 };
 
 /// Lanes of payments: a user's payments always share one, and different users spread over all of them.
@@ -223,6 +223,8 @@ pub(super) struct Core {
     /// Whether orders, payments and cancellations record their events in the outbox.
     pub(super) outbox: bool,
     pub(super) mirror: Arc<dyn StockMirror>,
+    /// Told after a commit that moved stock: the catalogue's cache.
+    pub(super) catalogue: Arc<dyn CatalogueChanges>,
     pub(super) caps: PendingCaps,
 }
 
@@ -314,6 +316,7 @@ impl OrderService {
             events,
             outbox,
             mirror: Arc::new(NoStockMirror),
+            catalogue: Arc::new(NoCatalogueReaders),
             caps: PendingCaps::NONE,
         };
         Self { core: Arc::new(core), combining: Combining::OFF, placing: None, paying: None }
@@ -325,6 +328,14 @@ impl OrderService {
     pub fn with_stock_mirror(self, mirror: Arc<dyn StockMirror>) -> Self {
         let mut core = (*self.core).clone();
         core.mirror = mirror;
+        Self { core: Arc::new(core), ..self }.with_lanes()
+    }
+
+    /// Tells `catalogue` of every commit that moved stock (orders placed, paid short, expired), after it.
+    #[must_use]
+    pub fn with_catalogue_changes(self, catalogue: Arc<dyn CatalogueChanges>) -> Self {
+        let mut core = (*self.core).clone();
+        core.catalogue = catalogue;
         Self { core: Arc::new(core), ..self }.with_lanes()
     }
 

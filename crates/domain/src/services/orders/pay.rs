@@ -250,6 +250,7 @@ impl Core {
         // The cancelled orders' units are back in the database: the strategy's copy of the stock hears of them.
         if !returned.is_empty() {
             self.mirror.stock_returned(&returned).await;
+            self.catalogue.stock_moved(&returned.keys().copied().collect::<Vec<_>>()).await;
         }
         Ok(outcomes)
     }

@@ -358,6 +358,8 @@ impl Core {
         let statements_us = micros(began.elapsed());
         let committing = Instant::now();
         tx.commit().await?;
+        let moved: Vec<ProductOptionId> = takes.iter().map(|t| t.row.option_id).collect();
+        self.catalogue.stock_moved(&moved).await;
         tracing::debug!(
             orders = winners.len(),
             statements_us,
