@@ -357,6 +357,9 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         let (scrapes, last) = scraper.await.map_err(|e| e.to_string())?;
         eprintln!("scraped /metrics {scrapes} times during the order phase");
         if let Some(path) = &setup.scrape_out {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+            }
             std::fs::write(path, last).map_err(|e| e.to_string())?;
         }
     }
