@@ -16,6 +16,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Barrier;
 
+use crate::api::create_product;
 use crate::instances::{self, ADMIN_TOKEN, FreshDatabase};
 use crate::scenario::Setup;
 
@@ -71,10 +72,6 @@ async fn burst(client: &reqwest::Client, warm: &str, urls: Vec<String>) -> Resul
     Ok((last.duration_since(started), latencies))
 }
 
-async fn json_of(request: reqwest::RequestBuilder) -> Result<Value, String> {
-    request.send().await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())
-}
-
 pub async fn run(setup: &Setup) -> Result<ReadRun, String> {
     let database = FreshDatabase::create(&setup.postgres).await?;
     let outcome = run_on(setup, &database.url).await;
@@ -103,11 +100,7 @@ async fn run_on(setup: &Setup, database_url: &str) -> Result<ReadRun, String> {
     let live = format!("{base}/health/live");
     let mut products = Vec::new();
     for i in 0..20 {
-        let body =
-            json!({"name": format!("shelf {i}"), "options": [{"name": "one size", "price": 1000, "stock": 5000}]});
-        products.push(
-            json_of(client.post(format!("{base}/api/v1/admin/products")).bearer_auth(ADMIN_TOKEN).json(&body)).await?,
-        );
+        products.push(create_product(&client, &base, ADMIN_TOKEN, &format!("shelf {i}"), 5000).await?);
     }
     let product = products[0]["id"].as_i64().ok_or("no product id")?;
     let option = products[0]["options"][0]["id"].as_i64().ok_or("no option id")?;
@@ -203,8 +196,7 @@ async fn run_on(setup: &Setup, database_url: &str) -> Result<ReadRun, String> {
         db.close().await.ok();
     }
     // A product added through the API: the count the cache holds is dropped.
-    let body = json!({"name": "one more", "options": [{"name": "one size", "price": 1000, "stock": 1}]});
-    json_of(client.post(format!("{base}/api/v1/admin/products")).bearer_auth(ADMIN_TOKEN).json(&body)).await?;
+    create_product(&client, &base, ADMIN_TOKEN, "one more", 1).await?;
     for (pages, into) in [(1..=10, &mut run.shallow), (4991..=5000, &mut run.deep)] {
         for page in pages {
             let sent = Instant::now();

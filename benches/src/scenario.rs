@@ -247,34 +247,15 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         .build()
         .map_err(|e| e.to_string())?;
     let base = &servers.bases[0];
-    let product: Value = client
-        .post(format!("{base}/api/v1/admin/products"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(
-            &json!({"name": "limited drop", "options": [{"name": "one size", "price": 1000, "stock": scenario.stock}]}),
-        )
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
+    let product = crate::api::create_product(&client, base, ADMIN_TOKEN, "limited drop", scenario.stock).await?;
     let option = product["options"][0]["id"].as_i64().ok_or("no option id")?;
     let product_id = product["id"].as_i64().ok_or("no product id")?;
     // (product, option) of each other option of the catalogue.
     let mut cold_options: Vec<(i64, i64)> = Vec::new();
     if let Some(cold) = scenario.cold {
         for i in 0..cold.options {
-            let p: Value = client
-                .post(format!("{base}/api/v1/admin/products"))
-                .bearer_auth(ADMIN_TOKEN)
-                .json(&json!({"name": format!("catalogue {i}"), "options": [{"name": "one size", "price": 1000, "stock": cold.stock}]}))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?
-                .json()
-                .await
-                .map_err(|e| e.to_string())?;
+            let p =
+                crate::api::create_product(&client, base, ADMIN_TOKEN, &format!("catalogue {i}"), cold.stock).await?;
             let (pid, oid) = (p["id"].as_i64(), p["options"][0]["id"].as_i64());
             cold_options.push((pid.ok_or("no product id")?, oid.ok_or("no option id")?));
         }
@@ -382,15 +363,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
     let payment = if setup.pay { Some(pay_all(&client, &servers.bases, &tokens, &orders).await) } else { None };
 
     // Verification, after the clock stopped.
-    let detail: Value = client
-        .get(format!("{base}/api/v1/products/{product_id}"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
-    let final_stock = detail["options"][0]["stock"].as_i64().ok_or("no stock")?;
+    let final_stock = crate::api::option_stock(&client, base, product_id).await?;
     let mut every_order_exists = true;
     for (buyer, id) in &orders {
         let found = client
@@ -411,15 +384,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
             let mine = |i: usize, o: i64| i >= scenario.buyers && wants(i) == o;
             for (product, o) in &cold_options {
                 let sold = answers.iter().enumerate().filter(|(i, a)| mine(*i, *o) && a.0 == 201).count();
-                let detail: Value = client
-                    .get(format!("{base}/api/v1/products/{product}"))
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .json()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let left = detail["options"][0]["stock"].as_i64().ok_or("no stock")?;
+                let left = crate::api::option_stock(&client, base, *product).await?;
                 correct &= left >= 0 && left + i64::try_from(sold).unwrap_or(i64::MAX) == c.stock;
             }
             let rest = &answers[scenario.buyers..];

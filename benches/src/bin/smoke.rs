@@ -89,16 +89,7 @@ async fn run(cli: &Cli) -> Result<String, String> {
     if id != "smoke-request-id-1" {
         return Err(format!("x-request-id not passed through: {id:?}"));
     }
-    let product: Value = client
-        .post(format!("{base}/api/v1/admin/products"))
-        .bearer_auth(&cli.admin_token)
-        .json(&json!({"name": "smoke drop", "options": [{"name": "one size", "price": 1000, "stock": cli.stock}]}))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
+    let product = api::create_product(&client, base, &cli.admin_token, "smoke drop", cli.stock).await?;
     let option = product["options"][0]["id"].as_i64().ok_or_else(|| format!("no option: {product}"))?;
     let product_id = product["id"].as_i64().ok_or("no product id")?;
     let signed: Vec<Result<(i64, String), String>> = futures::stream::iter(0..cli.buyers)
@@ -198,15 +189,7 @@ async fn run(cli: &Cli) -> Result<String, String> {
         buyers_with_order.insert(row.try_get::<i64>("", "user_id").map_err(|e| e.to_string())?);
         held += row.try_get::<i64>("", "q").map_err(|e| e.to_string())?;
     }
-    let detail: Value = client
-        .get(format!("{base}/api/v1/products/{product_id}"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
-    let stock = detail["options"][0]["stock"].as_i64().ok_or("no stock")?;
+    let stock = api::option_stock(&client, base, product_id).await?;
     let confirmed: HashSet<i64> = answers.iter().filter_map(|a| a.order).collect();
     if !confirmed.is_subset(&committed) {
         problems.push(format!("{} orders answered 201 are not committed", confirmed.difference(&committed).count()));

@@ -140,12 +140,7 @@ async fn holds_up_with(app: &TestApp, option: i64, outcome: &Outcome, label: &st
         let id = a.resp.body["id"].as_i64().expect("an order id");
         assert!(committed.contains(&id), "{label}: order {id} was answered 201 and is not in the database");
     }
-    let held = app
-        .scalar(&format!(
-            "SELECT CAST(COALESCE(SUM(i.quantity), 0) AS BIGINT) FROM order_items i JOIN orders o ON o.id = i.order_id \
-             WHERE i.product_option_id = {option} AND o.status <> 'CANCELLED'"
-        ))
-        .await;
+    let held = app.held_units(option).await;
     let stock = app.stock_of(option).await;
     assert!(stock >= 0);
     assert_eq!(stock + held, START, "{label}: stock {stock} + held {held}");

@@ -323,6 +323,15 @@ impl TestApp {
         self.scalars(sql).await.first().copied().expect("one row")
     }
 
+    /// The units of `option` that live orders (unpaid or paid, not cancelled) hold: with the stock, the start.
+    pub async fn held_units(&self, option: i64) -> i64 {
+        self.scalar(&format!(
+            "SELECT CAST(COALESCE(SUM(i.quantity), 0) AS BIGINT) FROM order_items i JOIN orders o ON o.id = i.order_id \
+             WHERE i.product_option_id = {option} AND o.status <> 'CANCELLED'"
+        ))
+        .await
+    }
+
     /// An option's stock, read behind the API.
     pub async fn stock_of(&self, option: i64) -> i64 {
         self.scalar(&format!("SELECT stock FROM product_options WHERE id = {option}")).await

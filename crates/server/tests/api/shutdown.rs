@@ -127,12 +127,7 @@ async fn sigterm_in_mid_sale_answers_every_accepted_request_and_exits_0() {
     );
     let committed: HashSet<i64> = app.scalars("SELECT id FROM orders").await.into_iter().collect();
     assert!(confirmed.is_subset(&committed), "every 201 is a committed order");
-    let held = app
-        .scalar(&format!(
-            "SELECT CAST(COALESCE(SUM(i.quantity), 0) AS BIGINT) FROM order_items i JOIN orders o ON o.id = i.order_id \
-             WHERE i.product_option_id = {option} AND o.status <> 'CANCELLED'"
-        ))
-        .await;
+    let held = app.held_units(option).await;
     let stock = app.stock_of(option).await;
     assert!(stock >= 0);
     assert_eq!(stock + held, START, "stock {stock} + held {held}");
