@@ -9,8 +9,12 @@ use sea_orm::{ConnectionTrait, Database};
 
 pub const ADMIN_TOKEN: &str = "bench-admin-token";
 
-/// Builds `shop-server` in release mode and returns its path.
+/// Builds `shop-server` in release mode and returns its path (or `BENCH_SERVER_BINARY`'s).
 pub fn build_release() -> Result<PathBuf, String> {
+    // `BENCH_SERVER_BINARY` runs a server built elsewhere (another commit's, for an A/B) and builds nothing.
+    if let Some(binary) = std::env::var_os("BENCH_SERVER_BINARY") {
+        return Ok(PathBuf::from(binary));
+    }
     // The cargo that runs us (`cargo run` sets CARGO), else rustup's proxy: a toolchain's cargo called directly
     // bypasses rustup, which then resolves a toolchain of its own for the rustc it spawns.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

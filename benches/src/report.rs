@@ -59,11 +59,11 @@ pub fn write(out: &Path, cells: &[Cell], pay: bool) -> std::io::Result<String> {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "| strategy | batch | scenario | makespan ms | reference ms | orders/s | p50 | p95 | p99 | max | 201 | 409 | 503 | other | early 409 | retries | lock wait avg ms | mean batch | final stock | correct |"
+        "| strategy | batch | scenario | makespan ms | floor ms | x floor | reference ms | orders/s | p50 | p95 | p99 | max | 201 | 409 | 503 | other | early 409 | retries | lock wait avg ms | mean batch | final stock | correct |"
     );
     let _ = writeln!(
         md,
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     for c in cells {
         let r = &c.median;
@@ -76,11 +76,16 @@ pub fn write(out: &Path, cells: &[Cell], pay: bool) -> std::io::Result<String> {
         );
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             c.strategy,
             c.batch_max.map_or_else(|| "default".to_owned(), |b| b.to_string()),
             c.scenario,
             ms(r.makespan),
+            r.floor.map_or_else(|| "—".to_owned(), ms),
+            r.floor.map_or_else(
+                || "—".to_owned(),
+                |f| format!("{:.1}x", r.makespan.as_secs_f64() / f.as_secs_f64().max(1e-9))
+            ),
             reference,
             throughput,
             ms(percentile(&sorted, 50.0)),
@@ -187,6 +192,9 @@ pub fn write(out: &Path, cells: &[Cell], pay: bool) -> std::io::Result<String> {
     std::fs::write(out.join("latest.md"), &md)?;
     std::fs::write(out.join("latest.json"), json(cells))?;
     std::fs::write(out.join("makespan.svg"), svg(cells))?;
+    if let Some(chart) = curves(cells) {
+        std::fs::write(out.join("throughput.svg"), chart)?;
+    }
     Ok(md)
 }
 
@@ -201,7 +209,9 @@ fn json(cells: &[Cell]) -> String {
                 "stock": c.scenario.stock,
                 "instances": c.scenario.instances,
                 "runs": c.runs,
+                "hotOptions": c.scenario.hot,
                 "makespanMs": c.median.makespan.as_secs_f64() * 1000.0,
+                "floorMs": c.median.floor.map(|f| f.as_secs_f64() * 1000.0),
                 "created": c.median.created,
                 "outOfStock": c.median.out_of_stock,
                 "unavailable": c.median.unavailable,
@@ -268,4 +278,111 @@ fn svg(cells: &[Cell]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// Orders/s of one cell: its buyers over its makespan.
+fn orders_per_second(c: &Cell) -> f64 {
+    c.median.latencies.len() as f64 / c.median.makespan.as_secs_f64().max(1e-9)
+}
+
+/// Two line charts, one line per strategy and batch setting: orders/s against buyers (one hot option, one
+/// instance) and against hot options (the largest buyer count measured over several); `None` unless one of them
+/// has a line of two points or more.
+fn curves(cells: &[Cell]) -> Option<String> {
+    let plain = |c: &&Cell| c.scenario.instances == 1 && !c.scenario.sequential && c.scenario.cold.is_none();
+    let line_of =
+        |c: &Cell| format!("{}{}", c.strategy, c.batch_max.map_or_else(String::new, |b| format!(" · batch {b}")));
+    let spread_buyers = cells.iter().filter(plain).filter(|c| c.scenario.hot > 1).map(|c| c.scenario.buyers).max();
+    let mut by_buyers: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut by_options: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let add = |lines: &mut Vec<(String, Vec<(f64, f64)>)>, name: String, point: (f64, f64)| match lines
+        .iter_mut()
+        .find(|(n, _)| *n == name)
+    {
+        Some((_, points)) => points.push(point),
+        None => lines.push((name, vec![point])),
+    };
+    for c in cells.iter().filter(plain) {
+        if c.scenario.hot == 1 {
+            add(&mut by_buyers, line_of(c), (c.scenario.buyers as f64, orders_per_second(c)));
+        }
+        if Some(c.scenario.buyers) == spread_buyers {
+            add(&mut by_options, line_of(c), (c.scenario.hot as f64, orders_per_second(c)));
+        }
+    }
+    let worth = |lines: &[(String, Vec<(f64, f64)>)]| lines.iter().any(|(_, p)| p.len() > 1);
+    if !worth(&by_buyers) && !worth(&by_options) {
+        return None;
+    }
+    let (panel_w, panel_h) = (520.0, 300.0);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<text x="10" y="20" font-size="14">Orders/s (median of runs), one instance, PostgreSQL</text>
+"#,
+        w = 2.0 * panel_w + 60.0,
+        h = panel_h + 120.0
+    );
+    let options_title = format!("against hot options ({} buyers)", spread_buyers.unwrap_or(0));
+    for (k, (title, lines)) in
+        [("against buyers (one hot option)".to_owned(), by_buyers), (options_title, by_options)].into_iter().enumerate()
+    {
+        panel(&mut s, 20.0 + k as f64 * (panel_w + 20.0), 40.0, panel_w, panel_h, &title, &lines);
+    }
+    s.push_str("</svg>\n");
+    Some(s)
+}
+
+const COLOURS: [&str; 8] = ["#3b7dd8", "#d8563b", "#3bb273", "#a23bd8", "#d8a23b", "#3bc4d8", "#7d7d7d", "#d83b8f"];
+
+/// One panel: a log-scale x axis (the measured values as ticks), a linear y axis from 0, a polyline per line.
+fn panel(s: &mut String, x0: f64, y0: f64, w: f64, h: f64, title: &str, lines: &[(String, Vec<(f64, f64)>)]) {
+    let (left, bottom) = (60.0, 40.0);
+    let (pw, ph) = (w - left - 10.0, h - bottom - 20.0);
+    let xs: Vec<f64> = {
+        let mut xs: Vec<f64> = lines.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).collect();
+        xs.sort_by(f64::total_cmp);
+        xs.dedup();
+        xs
+    };
+    let ymax = lines.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)).fold(1.0, f64::max) * 1.1;
+    let (lo, hi) = (xs.first().copied().unwrap_or(1.0).ln(), xs.last().copied().unwrap_or(1.0).ln());
+    let x_at = |x: f64| x0 + left + if hi > lo { (x.ln() - lo) / (hi - lo) * pw } else { pw / 2.0 };
+    let y_at = |y: f64| y0 + 20.0 + ph - y / ymax * ph;
+    let _ = writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, x0 + left, y0 + 12.0, title);
+    let _ = writeln!(
+        s,
+        r##"<line x1="{a}" y1="{b}" x2="{c}" y2="{b}" stroke="#444"/><line x1="{a}" y1="{b}" x2="{a}" y2="{d}" stroke="#444"/>"##,
+        a = x0 + left,
+        b = y0 + 20.0 + ph,
+        c = x0 + left + pw,
+        d = y0 + 20.0
+    );
+    for x in &xs {
+        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{x}</text>"#, x_at(*x), y0 + 36.0 + ph);
+    }
+    for i in 0..=4 {
+        let y = ymax * f64::from(i) / 4.0;
+        let _ =
+            writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{y:.0}</text>"#, x0 + left - 6.0, y_at(y) + 4.0);
+    }
+    for (i, (name, points)) in lines.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let mut points = points.clone();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let path: Vec<String> = points.iter().map(|(x, y)| format!("{:.1},{:.1}", x_at(*x), y_at(*y))).collect();
+        let _ =
+            writeln!(s, r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#, path.join(" "));
+        for (x, y) in &points {
+            let _ = writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#, x_at(*x), y_at(*y));
+        }
+        let ly = y0 + 60.0 + ph + 14.0 * (i / 2) as f64;
+        let lx = x0 + left + (i % 2) as f64 * (pw / 2.0);
+        let _ = writeln!(
+            s,
+            r#"<rect x="{lx}" y="{}" width="10" height="10" fill="{colour}"/><text x="{}" y="{ly}">{}</text>"#,
+            ly - 9.0,
+            lx + 14.0,
+            name.replace('&', "&amp;").replace('<', "&lt;")
+        );
+    }
 }

@@ -18,8 +18,10 @@ use crate::instances::{self, ADMIN_TOKEN, FreshDatabase};
 pub struct Scenario {
     /// Buyers of the hot option.
     pub buyers: usize,
-    /// The hot option's stock.
+    /// The hot options' stock, split evenly over them.
     pub stock: i64,
+    /// Hot options the buyers spread over in turn (`BUYERSxSTOCKhOPTIONS`; 1 without the suffix).
+    pub hot: usize,
     pub instances: usize,
     /// One buyer at a time (`100seq`): what a lone order costs, with combining on or off.
     pub sequential: bool,
@@ -42,25 +44,33 @@ impl FromStr for Scenario {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || {
             format!(
-                "unknown scenario `{s}`: use BUYERSxSTOCK, BUYERSonSTOCK, BUYERSxSTOCKxINSTANCES, BUYERSseq or catalogue"
+                "unknown scenario `{s}`: use BUYERSxSTOCK, BUYERSonSTOCK, BUYERSxSTOCKxINSTANCES, BUYERSxSTOCKhOPTIONS, \
+                 BUYERSseq or catalogue"
             )
         };
         if s == "catalogue" {
             // A flash sale of 1,000 on one option while 1,000 other buyers order 100 other options.
             let cold = Cold { buyers: 1000, options: 100, stock: 20 };
-            return Ok(Self { buyers: 1000, stock: 1000, instances: 1, sequential: false, cold: Some(cold) });
+            return Ok(Self { buyers: 1000, stock: 1000, hot: 1, instances: 1, sequential: false, cold: Some(cold) });
         }
         if let Some(buyers) = s.strip_suffix("seq") {
             let buyers: usize = buyers.parse().map_err(|_| bad())?;
             let stock = i64::try_from(buyers).map_err(|_| bad())?;
-            return Ok(Self { buyers, stock, instances: 1, sequential: true, cold: None });
+            return Ok(Self { buyers, stock, hot: 1, instances: 1, sequential: true, cold: None });
         }
+        let (s, hot) = match s.split_once('h') {
+            Some((rest, hot)) => (rest, hot.parse::<usize>().ok().filter(|h| *h > 0).ok_or_else(bad)?),
+            None => (s, 1),
+        };
         let parts: Vec<&str> = s.split(['x', 'o', 'n']).filter(|p| !p.is_empty()).collect();
         let num = |i: usize| parts.get(i).and_then(|p| p.parse::<usize>().ok()).ok_or_else(bad);
         let buyers = num(0)?;
         let stock = i64::try_from(num(1)?).map_err(|_| bad())?;
         let instances = if parts.len() > 2 { num(2)? } else { 1 };
-        Ok(Self { buyers, stock, instances, sequential: false, cold: None })
+        if stock % i64::try_from(hot).map_err(|_| bad())? != 0 {
+            return Err(format!("scenario `{s}`: the stock must split evenly over {hot} options"));
+        }
+        Ok(Self { buyers, stock, hot, instances, sequential: false, cold: None })
     }
 }
 
@@ -70,6 +80,9 @@ impl fmt::Display for Scenario {
             return write!(f, "{} buyers one at a time", self.buyers);
         }
         write!(f, "{} buyers / {} units", self.buyers, self.stock)?;
+        if self.hot > 1 {
+            write!(f, " / {} options", self.hot)?;
+        }
         if self.instances > 1 {
             write!(f, " / {} instances", self.instances)?;
         }
@@ -101,6 +114,9 @@ pub struct Setup {
 pub struct RunResult {
     /// First order sent to last order answered.
     pub makespan: Duration,
+    /// The same buyers' `GET /health/live`, released at once over the same connections just before: the HTTP
+    /// floor of this run (none for one buyer at a time).
+    pub floor: Option<Duration>,
     /// Every order's latency.
     pub latencies: Vec<Duration>,
     pub created: usize,
@@ -131,6 +147,11 @@ pub struct EventFigures {
     pub per_second: f64,
 }
 
+/// Seconds since the Unix epoch, as `perf record -k realtime` stamps its samples.
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Waits (at most 60 s) until every event of the run is delivered, then reads the lags from the outbox.
 async fn event_figures(database_url: &str) -> Option<EventFigures> {
     use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
@@ -155,13 +176,18 @@ async fn event_figures(database_url: &str) -> Option<EventFigures> {
     }
     let row = db
         .query_one_raw(one(
-            "SELECT count(*) AS n, \
-             (percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM d.delivered_at - e.occurred_at)::float8)) \
+            // A batch sink's delivery is the event's hand-over; a per-event sink's is its delivery row.
+            "WITH lags AS (\
+               SELECT e.occurred_at AS recorded, e.handed_over_at AS delivered FROM outbox_events e \
+                 WHERE e.delivered_to IS NOT NULL \
+               UNION ALL SELECT e.occurred_at, d.delivered_at FROM outbox_deliveries d \
+                 JOIN outbox_events e ON e.id = d.event_seq WHERE d.status = 'delivered') \
+             SELECT count(*) AS n, \
+             (percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM delivered - recorded)::float8)) \
                * 1000 AS p50, \
-             (percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM d.delivered_at - e.occurred_at)::float8)) \
+             (percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM delivered - recorded)::float8)) \
                * 1000 AS p99, \
-             extract(epoch FROM max(d.delivered_at) - min(e.occurred_at))::float8 AS span \
-             FROM outbox_deliveries d JOIN outbox_events e ON e.id = d.event_seq WHERE d.status = 'delivered'",
+             extract(epoch FROM max(delivered) - min(recorded))::float8 AS span FROM lags",
         ))
         .await
         .ok()??;
@@ -247,9 +273,15 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         .build()
         .map_err(|e| e.to_string())?;
     let base = &servers.bases[0];
-    let product = crate::api::create_product(&client, base, ADMIN_TOKEN, "limited drop", scenario.stock).await?;
-    let option = product["options"][0]["id"].as_i64().ok_or("no option id")?;
-    let product_id = product["id"].as_i64().ok_or("no product id")?;
+    // (product, option) of each hot option.
+    let mut hot_options: Vec<(i64, i64)> = Vec::new();
+    let per_option = scenario.stock / i64::try_from(scenario.hot).map_err(|e| e.to_string())?;
+    for i in 0..scenario.hot {
+        let name = if scenario.hot == 1 { "limited drop".to_owned() } else { format!("limited drop {i}") };
+        let p = crate::api::create_product(&client, base, ADMIN_TOKEN, &name, per_option).await?;
+        let (pid, oid) = (p["id"].as_i64(), p["options"][0]["id"].as_i64());
+        hot_options.push((pid.ok_or("no product id")?, oid.ok_or("no option id")?));
+    }
     // (product, option) of each other option of the catalogue.
     let mut cold_options: Vec<(i64, i64)> = Vec::new();
     if let Some(cold) = scenario.cold {
@@ -269,9 +301,13 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         .await;
     let (buyers, tokens): (Vec<i64>, Vec<String>) =
         signed.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
-    // Buyer i orders the hot option, or (past the hot option's buyers) one of the other options in turn.
+    // Buyer i orders a hot option in turn, or (past the hot options' buyers) one of the other options in turn.
     let wants = |i: usize| {
-        if i < scenario.buyers { option } else { cold_options[(i - scenario.buyers) % cold_options.len()].1 }
+        if i < scenario.buyers {
+            hot_options[i % hot_options.len()].1
+        } else {
+            cold_options[(i - scenario.buyers) % cold_options.len()].1
+        }
     };
 
     let before = read_counters(&client, &servers.bases).await;
@@ -279,6 +315,9 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
     // clock measures the server's orders, not a storm of 1,000 TCP handshakes. Each buyer holds its warm-up
     // response until every buyer has one, so the client's pool ends up with one idle connection per buyer.
     let warmed = Arc::new(Barrier::new(buyers.len()));
+    // Then, on those connections, the floor: every buyer's `GET /health/live` at once, the same client and
+    // the same number of requests as the orders, in the same run.
+    let floor_barrier = Arc::new(Barrier::new(buyers.len() + 1));
     let barrier = Arc::new(Barrier::new(buyers.len() + 1));
     let turns = Arc::new(Semaphore::new(if scenario.sequential { 1 } else { buyers.len() }));
     let tasks: Vec<_> = buyers
@@ -286,16 +325,24 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         .enumerate()
         .map(|(i, user)| {
             let (client, warmed, barrier, turns) = (client.clone(), warmed.clone(), barrier.clone(), turns.clone());
+            let floor_barrier = floor_barrier.clone();
             let instance = &servers.bases[i % servers.bases.len()];
             let (url, live) = (format!("{instance}/api/v1/orders"), format!("{instance}/health/live"));
             let body = json!({"userId": user, "items": [{"productOptionId": wants(i), "quantity": 1}]});
             let token = tokens[i].clone();
             tokio::spawn(async move {
-                let warm = client.get(live).send().await;
+                let warm = client.get(&live).send().await;
                 warmed.wait().await;
                 if let Ok(response) = warm {
                     let _ = response.bytes().await;
                 }
+                floor_barrier.wait().await;
+                let floored = match client.get(&live).send().await {
+                    Ok(response) if response.status().is_success() => {
+                        response.bytes().await.ok().map(|_| Instant::now())
+                    }
+                    _ => None,
+                };
                 barrier.wait().await;
                 let _turn = turns.acquire().await;
                 let sent = Instant::now();
@@ -305,7 +352,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
                     Ok(r) if status == 201 => r.json::<Value>().await.ok().and_then(|v| v["id"].as_i64()),
                     _ => None,
                 };
-                (status, sent.elapsed(), Instant::now(), order)
+                (status, sent.elapsed(), Instant::now(), order, floored)
             })
         })
         .collect();
@@ -327,12 +374,17 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
             (scrapes, last)
         })
     });
+    floor_barrier.wait().await;
+    let floor_started = Instant::now();
     barrier.wait().await;
     let started = Instant::now();
+    let wall_started = unix_seconds();
     let mut answers = Vec::with_capacity(tasks.len());
     for task in tasks {
         answers.push(task.await.map_err(|e| e.to_string())?);
     }
+    // Wall-clock bounds of the order phase, to cut a profile recorded with `perf record -k realtime` to it.
+    eprintln!("order phase (unix s): {wall_started:.6} {:.6}", unix_seconds());
     scraping.store(false, std::sync::atomic::Ordering::Relaxed);
     if let Some(scraper) = scraper {
         let (scrapes, last) = scraper.await.map_err(|e| e.to_string())?;
@@ -346,7 +398,14 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
     }
     // The hot option's buyers come first; the figures of the table are theirs, the rest's are `cold`.
     let hot = &answers[..scenario.buyers];
-    let makespan = hot.iter().map(|(_, _, done, _)| done.duration_since(started)).max().unwrap_or_default();
+    let makespan = hot.iter().map(|a| a.2.duration_since(started)).max().unwrap_or_default();
+    // Every live answer of the hot buyers, or no floor (a failed request would make it meaningless).
+    let floor = hot
+        .iter()
+        .map(|a| a.4.map(|done| done.duration_since(floor_started)))
+        .collect::<Option<Vec<_>>>()
+        .and_then(|done| done.into_iter().max())
+        .filter(|_| !scenario.sequential);
     let count = |s: u16| hot.iter().filter(|a| a.0 == s).count();
     let (created, out_of_stock, unavailable) = (count(201), count(409), count(503));
     let other = hot.len() - created - out_of_stock - unavailable;
@@ -363,7 +422,13 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
     let payment = if setup.pay { Some(pay_all(&client, &servers.bases, &tokens, &orders).await) } else { None };
 
     // Verification, after the clock stopped.
-    let final_stock = crate::api::option_stock(&client, base, product_id).await?;
+    let mut final_stock = 0;
+    let mut none_below_zero = true;
+    for (product, _) in &hot_options {
+        let left = crate::api::option_stock(&client, base, *product).await?;
+        none_below_zero &= left >= 0;
+        final_stock += left;
+    }
     let mut every_order_exists = true;
     for (buyer, id) in &orders {
         let found = client
@@ -377,7 +442,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
     let sold = i64::try_from(created).unwrap_or(i64::MAX);
     let hot_orders = orders.iter().filter(|(i, _)| *i < scenario.buyers).count();
     let mut correct =
-        final_stock + sold == scenario.stock && final_stock >= 0 && every_order_exists && hot_orders == created;
+        final_stock + sold == scenario.stock && none_below_zero && every_order_exists && hot_orders == created;
     let cold = match scenario.cold {
         None => None,
         Some(c) => {
@@ -393,6 +458,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
     };
     Ok(RunResult {
         makespan,
+        floor,
         latencies: hot.iter().map(|a| a.1).collect(),
         created,
         out_of_stock,

@@ -17,6 +17,7 @@ mod m20261202_000004_accounts;
 mod m20261202_000005_upper_bounds;
 mod m20261203_000006_outbox;
 mod m20261203_000007_live_products_index;
+mod m20261203_000008_outbox_handed_over_to;
 
 /// The ordered list of the shop's schema migrations.
 #[derive(Debug, Clone, Copy, Default)]
@@ -33,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000005_upper_bounds::Migration),
             Box::new(m20261203_000006_outbox::Migration),
             Box::new(m20261203_000007_live_products_index::Migration),
+            Box::new(m20261203_000008_outbox_handed_over_to::Migration),
         ]
     }
 }

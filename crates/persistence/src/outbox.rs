@@ -15,75 +15,140 @@ use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait,
     QueryFilter, QueryOrder, QuerySelect, Set, SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
 };
-use serde_json::{Value, json};
+use serde::Serialize;
 use shop_domain::DomainError;
-use shop_domain::events::{Attempt, Delivery, DeliveryStatus, EventRecord, NewEvent, OutboxEvent};
+use shop_domain::events::{Attempt, CancelReason, Delivery, DeliveryStatus, EventRecord, NewEvent, OutboxEvent};
 use shop_domain::ids::OrderId;
-use shop_domain::order::Order;
 use shop_domain::page::{Page, PageRequest};
 use shop_domain::ports::{DeliveryClaim, Outbox, OutboxClaim};
 
 use crate::entity::{outbox_delivery as delivery, outbox_event as event};
 use crate::error::{Stored, db};
+use crate::uow::insert_chunked;
 
-/// Rows per multi-row INSERT: far below SQLite's and PostgreSQL's bound-parameter limits.
-const ROWS_PER_INSERT: usize = 1_000;
-
-/// Inserts `events` in one statement per [`ROWS_PER_INSERT`], each with a new UUID and its envelope.
+/// Inserts `events`, each with a new UUID (version 7: time-ordered, so the unique index on it grows at its right
+/// edge) and its envelope. On PostgreSQL one statement binds four arrays (`unnest`) whatever the batch's size; on
+/// SQLite, multi-row INSERTs ([`insert_chunked`]).
 pub(crate) async fn record(
     tx: &DatabaseTransaction,
     events: &[NewEvent],
     now: DateTime<Utc>,
 ) -> Result<(), DomainError> {
-    let occurred = json!(now);
-    for chunk in events.chunks(ROWS_PER_INSERT) {
-        let rows = chunk.iter().map(|e| {
-            let id = uuid::Uuid::new_v4().to_string();
-            let mut data = order_json(&e.order);
-            if let (Some(reason), Value::Object(fields)) = (e.reason, &mut data) {
-                fields.insert("reason".into(), json!(reason.as_str()));
-            }
-            let envelope = json!({"id": id, "type": e.kind.as_str(), "occurredAt": occurred, "data": data});
-            event::ActiveModel {
-                event_id: Set(id),
-                kind: Set(e.kind.as_str().to_owned()),
-                order_id: Set(e.order.id.get()),
-                envelope: Set(envelope.to_string()),
-                occurred_at: Set(now),
-                handed_over_at: Set(None),
-                ..Default::default()
-            }
-        });
-        event::Entity::insert_many(rows).exec_without_returning(tx).await.map_err(db)?;
+    let mut ids = Vec::with_capacity(events.len());
+    let mut envelopes = Vec::with_capacity(events.len());
+    for e in events {
+        let id = uuid::Uuid::now_v7().to_string();
+        let envelope = Envelope { id: &id, kind: e.kind.as_str(), occurred_at: now, data: OrderData::of(e) };
+        envelopes.push(serde_json::to_string(&envelope).map_err(DomainError::unexpected)?);
+        ids.push(id);
     }
-    Ok(())
+    if tx.get_database_backend() == DbBackend::Postgres {
+        let sql = "INSERT INTO outbox_events (event_id, kind, order_id, envelope, occurred_at) \
+                   SELECT e.event_id, e.kind, e.order_id, e.envelope, $5 \
+                   FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[]) AS e(event_id, kind, order_id, envelope)";
+        let kinds: Vec<String> = events.iter().map(|e| e.kind.as_str().to_owned()).collect();
+        let orders: Vec<i64> = events.iter().map(|e| e.order.id.get()).collect();
+        let values = vec![ids.into(), kinds.into(), orders.into(), envelopes.into(), now.into()];
+        tx.execute_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await.map_err(db)?;
+        return Ok(());
+    }
+    let rows: Vec<_> = events
+        .iter()
+        .zip(ids.into_iter().zip(envelopes))
+        .map(|(e, (id, envelope))| event::ActiveModel {
+            event_id: Set(id),
+            kind: Set(e.kind.as_str().to_owned()),
+            order_id: Set(e.order.id.get()),
+            envelope: Set(envelope),
+            occurred_at: Set(now),
+            handed_over_at: Set(None),
+            delivered_to: Set(None),
+            ..Default::default()
+        })
+        .collect();
+    insert_chunked(tx, rows).await
 }
 
-/// The order as the API shows it (`GET /api/v1/orders/{id}`).
-fn order_json(o: &Order) -> Value {
-    json!({
-        "id": o.id.get(),
-        "userId": o.user_id.get(),
-        "status": o.status.as_str(),
-        "totalPrice": o.total_price.won(),
-        "orderedAt": o.ordered_at,
-        "items": o.items.iter().map(|i| json!({
-            "productOptionId": i.product_option_id.get(),
-            "productName": i.product_name,
-            "optionName": i.option_name,
-            "quantity": i.quantity.get(),
-            "unitPrice": i.unit_price.won(),
-            "totalPriceAtOrder": i.total_price.won(),
-        })).collect::<Vec<_>>(),
-        "payment": {
-            "id": o.payment.id.get(),
-            "orderId": o.payment.order_id.get(),
-            "status": o.payment.status.as_str(),
-            "method": o.payment.method.as_str(),
-            "amount": o.payment.amount.won(),
-            "paidAt": o.payment.paid_at,
-        },
-    })
+/// What every sink delivers: `{"id", "type", "occurredAt", "data"}` (API.md, "Events").
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    occurred_at: DateTime<Utc>,
+    data: OrderData<'a>,
+}
+
+/// The order as the API shows it (`GET /api/v1/orders/{id}`), and a cancellation's reason.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OrderData<'a> {
+    id: i64,
+    user_id: i64,
+    status: &'static str,
+    total_price: i64,
+    ordered_at: DateTime<Utc>,
+    items: Vec<ItemData<'a>>,
+    payment: PaymentData,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ItemData<'a> {
+    product_option_id: i64,
+    product_name: &'a str,
+    option_name: &'a str,
+    quantity: i64,
+    unit_price: i64,
+    total_price_at_order: i64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PaymentData {
+    id: i64,
+    order_id: i64,
+    status: &'static str,
+    method: &'static str,
+    amount: i64,
+    paid_at: Option<DateTime<Utc>>,
+}
+
+impl<'a> OrderData<'a> {
+    fn of(event: &'a NewEvent) -> Self {
+        let o = &event.order;
+        Self {
+            id: o.id.get(),
+            user_id: o.user_id.get(),
+            status: o.status.as_str(),
+            total_price: o.total_price.won(),
+            ordered_at: o.ordered_at,
+            items: o
+                .items
+                .iter()
+                .map(|i| ItemData {
+                    product_option_id: i.product_option_id.get(),
+                    product_name: &i.product_name,
+                    option_name: &i.option_name,
+                    quantity: i.quantity.get(),
+                    unit_price: i.unit_price.won(),
+                    total_price_at_order: i.total_price.won(),
+                })
+                .collect(),
+            payment: PaymentData {
+                id: o.payment.id.get(),
+                order_id: o.payment.order_id.get(),
+                status: o.payment.status.as_str(),
+                method: o.payment.method.as_str(),
+                amount: o.payment.amount.won(),
+                paid_at: o.payment.paid_at,
+            },
+            reason: event.reason.map(CancelReason::as_str),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +164,16 @@ impl SeaOutbox {
 
     fn postgres(&self) -> bool {
         self.db.get_database_backend() == DbBackend::Postgres
+    }
+
+    /// A relay's claim on PostgreSQL: a transaction whose commit does not wait for its WAL to reach the disk. A
+    /// crash may forget a hand-over it reported, which gives those events to the sinks again (delivery is at
+    /// least once, and consumers deduplicate by id); in exchange the relay's commits never queue for a WAL flush
+    /// beside the orders' own.
+    async fn claiming(&self) -> Result<DatabaseTransaction, DomainError> {
+        let tx = self.db.begin().await.map_err(db)?;
+        tx.execute_unprepared("SET LOCAL synchronous_commit = off").await.map_err(db)?;
+        Ok(tx)
     }
 
     /// A short write transaction (SQLite's write lock taken at BEGIN, as the unit of work does).
@@ -156,31 +231,36 @@ impl OutboxClaim for NewClaim {
             Some(tx) => tx,
             None => self.outbox.write().await?,
         };
-        let mut rows = Vec::with_capacity(self.events.len() * (delivered.len() + queued.len()));
+        // The batch sinks had the events whole: the event row says so. Only the per-event sinks get delivery rows.
+        let mut rows = Vec::with_capacity(self.events.len() * queued.len());
         for e in &self.events {
-            for (sink, done) in delivered.iter().map(|s| (s, true)).chain(queued.iter().map(|s| (s, false))) {
+            for sink in queued {
                 rows.push(delivery::ActiveModel {
                     event_seq: Set(e.seq),
                     sink: Set((*sink).to_owned()),
                     order_id: Set(e.order_id.get()),
-                    status: Set(if done { DeliveryStatus::Delivered } else { DeliveryStatus::Pending }
-                        .as_str()
-                        .to_owned()),
-                    attempts: Set(i32::from(done)),
-                    next_attempt_at: Set((!done).then_some(now)),
+                    status: Set(DeliveryStatus::Pending.as_str().to_owned()),
+                    attempts: Set(0),
+                    next_attempt_at: Set(Some(now)),
                     last_error: Set(None),
-                    delivered_at: Set(done.then_some(now)),
+                    delivered_at: Set(None),
                 });
             }
         }
-        let mut rows = rows.into_iter().peekable();
-        while rows.peek().is_some() {
-            let chunk: Vec<_> = rows.by_ref().take(ROWS_PER_INSERT).collect();
-            delivery::Entity::insert_many(chunk).exec_without_returning(&tx).await.map_err(db)?;
-        }
+        insert_chunked(&tx, rows).await?;
+        let delivered_to = (!delivered.is_empty()).then(|| delivered.join(","));
+        let seqs: Vec<i64> = self.events.iter().map(|e| e.seq).collect();
+        let backend = tx.get_database_backend();
+        // One array parameter on PostgreSQL rather than a parameter per event.
+        let claimed = if backend == DbBackend::Postgres {
+            Expr::cust_with_values("id = ANY($1)", [sea_orm::Value::from(seqs)])
+        } else {
+            Expr::col(event::Column::Id).is_in(seqs)
+        };
         event::Entity::update_many()
             .col_expr(event::Column::HandedOverAt, Expr::value(now))
-            .filter(event::Column::Id.is_in(self.events.iter().map(|e| e.seq)))
+            .col_expr(event::Column::DeliveredTo, Expr::value(delivered_to))
+            .filter(claimed)
             .exec(&tx)
             .await
             .map_err(db)?;
@@ -292,11 +372,34 @@ impl SeaOutbox {
         }
         rows.into_iter()
             .map(|row| {
-                let deliveries = deliveries.remove(&row.id).unwrap_or_default();
-                Ok(EventRecord { event: to_event(row)?, deliveries })
+                let mut kept = deliveries.remove(&row.id).unwrap_or_default();
+                let batch: Vec<Delivery> =
+                    handed_over(&row).into_iter().filter(|h| !kept.iter().any(|k| k.sink == h.sink)).collect();
+                kept.extend(batch);
+                kept.sort_by(|a, b| a.sink.cmp(&b.sink));
+                Ok(EventRecord { event: to_event(row)?, deliveries: kept })
             })
             .collect()
     }
+}
+
+/// The deliveries to the batch sinks that the event row records: each had it once, when it was handed over.
+fn handed_over(row: &event::Model) -> Vec<Delivery> {
+    let (Some(at), Some(sinks)) = (row.handed_over_at, row.delivered_to.as_deref()) else {
+        return Vec::new();
+    };
+    sinks
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|sink| Delivery {
+            sink: sink.to_owned(),
+            status: DeliveryStatus::Delivered,
+            attempts: 1,
+            last_error: None,
+            next_attempt_at: None,
+            delivered_at: Some(at),
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -307,7 +410,7 @@ impl Outbox for SeaOutbox {
             .order_by_asc(event::Column::Id)
             .limit(limit);
         let (tx, rows) = if self.postgres() {
-            let tx = self.db.begin().await.map_err(db)?;
+            let tx = self.claiming().await?;
             let rows =
                 query.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked).all(&tx).await.map_err(db)?;
             (Some(tx), rows)
@@ -337,7 +440,7 @@ impl Outbox for SeaOutbox {
         );
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let stmt = statement(backend, &sql, vec![sink.into(), now.into(), limit.into()]);
-        let tx = if self.postgres() { Some(self.db.begin().await.map_err(db)?) } else { None };
+        let tx = if self.postgres() { Some(self.claiming().await?) } else { None };
         let rows = match &tx {
             Some(tx) => tx.query_all_raw(stmt).await,
             None => self.db.query_all_raw(stmt).await,

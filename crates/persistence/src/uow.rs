@@ -218,34 +218,11 @@ impl OrderTx for SeaTransaction {
     }
 
     async fn insert_orders(&mut self, orders: &[NewOrder]) -> Result<Vec<Order>, DomainError> {
-        let order_ids = self.next_ids("orders", orders.len()).await?;
-        let payment_ids = self.next_ids("payments", orders.len()).await?;
-        let rows: Vec<order::ActiveModel> = orders
-            .iter()
-            .zip(&order_ids)
-            .map(|(new, id)| order::ActiveModel {
-                id: Set(*id),
-                user_id: Set(new.user_id.get()),
-                total_price: Set(new.total_price.won()),
-                status: Set(OrderStatus::PendingPayment.as_str().to_owned()),
-                ordered_at: Set(new.ordered_at),
-                updated_at: Set(new.ordered_at),
-                deleted_at: Set(None),
-            })
-            .collect();
-        let items: Vec<order_item::ActiveModel> = orders
-            .iter()
-            .zip(&order_ids)
-            .flat_map(|(new, id)| new.items.iter().map(move |i| item_row(*id, i, new.ordered_at)))
-            .collect();
-        let payments: Vec<payment::ActiveModel> = orders
-            .iter()
-            .zip(order_ids.iter().zip(&payment_ids))
-            .map(|(new, (order_id, id))| payment::ActiveModel { id: Set(*id), ..pending_payment(*order_id, new) })
-            .collect();
-        insert_chunked::<order::Entity, _>(&self.tx, rows).await?;
-        insert_chunked::<order_item::Entity, _>(&self.tx, items).await?;
-        insert_chunked::<payment::Entity, _>(&self.tx, payments).await?;
+        let (order_ids, payment_ids) = if self.tx.get_database_backend() == DbBackend::Postgres {
+            self.insert_orders_at_once(orders).await?
+        } else {
+            self.insert_orders_in_rows(orders).await?
+        };
         orders
             .iter()
             .zip(order_ids.iter().zip(&payment_ids))
@@ -569,22 +546,104 @@ fn conditional_decrement(
         .filter(product_option::Column::Stock.gte(n))
 }
 
+/// Orders, items and payments in one statement on PostgreSQL, whatever the batch's size: the rows travel as
+/// arrays (`unnest`), the ids come from the identity sequences in the same statement, and the foreign keys are
+/// checked at its end, when all three tables hold their rows. One round trip instead of five (two id draws,
+/// three multi-row INSERTs whose VALUES lists grow with the batch).
+const INSERT_ORDERS: &str = "\
+WITH t AS MATERIALIZED (
+    SELECT u.n, u.user_id, u.total, u.at,
+           nextval(pg_get_serial_sequence('orders', 'id')) AS order_id,
+           nextval(pg_get_serial_sequence('payments', 'id')) AS payment_id
+    FROM unnest($1::int8[], $2::int8[], $3::timestamptz[]) WITH ORDINALITY AS u(user_id, total, at, n)
+), o AS (
+    INSERT INTO orders (id, user_id, total_price, status, ordered_at, updated_at)
+    SELECT order_id, user_id, total, $4, at, at FROM t
+), i AS (
+    INSERT INTO order_items (order_id, product_id, product_option_id, product_name, option_name, quantity,
+                             unit_price, total_price_at_order, created_at)
+    SELECT t.order_id, x.product_id, x.option_id, x.product_name, x.option_name, x.quantity, x.unit_price,
+           x.total, t.at
+    FROM unnest($5::int8[], $6::int8[], $7::int8[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::int8[])
+         AS x(n, product_id, option_id, product_name, option_name, quantity, unit_price, total)
+    JOIN t ON t.n = x.n
+), p AS (
+    INSERT INTO payments (id, order_id, user_id, amount, method, status, created_at, updated_at)
+    SELECT payment_id, order_id, user_id, total, $13, $14, at, at FROM t
+)
+SELECT order_id, payment_id FROM t ORDER BY n";
+
 impl SeaTransaction {
-    /// `n` fresh ids for `table`, to insert a batch with one multi-row statement and still know each row's id:
-    /// from the identity sequence on PostgreSQL; above the largest id on SQLite, whose IMMEDIATE transaction
-    /// holds the one write lock until it commits, so nobody else can take them meanwhile.
+    /// PostgreSQL: [`INSERT_ORDERS`]; each order's id and its payment's, in the orders' order.
+    async fn insert_orders_at_once(&self, orders: &[NewOrder]) -> Result<(Vec<i64>, Vec<i64>), DomainError> {
+        // Each item carries its order's position (from 1, as `WITH ORDINALITY` counts).
+        let items = || (1_i64..).zip(orders).flat_map(|(n, o)| o.items.iter().map(move |i| (n, i)));
+        let values: Vec<sea_orm::Value> = vec![
+            orders.iter().map(|o| o.user_id.get()).collect::<Vec<i64>>().into(),
+            orders.iter().map(|o| o.total_price.won()).collect::<Vec<i64>>().into(),
+            orders.iter().map(|o| o.ordered_at).collect::<Vec<DateTime<Utc>>>().into(),
+            OrderStatus::PendingPayment.as_str().into(),
+            items().map(|(n, _)| n).collect::<Vec<i64>>().into(),
+            items().map(|(_, i)| i.product_id.get()).collect::<Vec<i64>>().into(),
+            items().map(|(_, i)| i.product_option_id.get()).collect::<Vec<i64>>().into(),
+            items().map(|(_, i)| i.product_name.clone()).collect::<Vec<String>>().into(),
+            items().map(|(_, i)| i.option_name.clone()).collect::<Vec<String>>().into(),
+            items().map(|(_, i)| i.quantity.get()).collect::<Vec<i64>>().into(),
+            items().map(|(_, i)| i.unit_price.won()).collect::<Vec<i64>>().into(),
+            items().map(|(_, i)| i.total_price.won()).collect::<Vec<i64>>().into(),
+            PaymentMethod::Balance.as_str().into(),
+            PaymentStatus::Pending.as_str().into(),
+        ];
+        let rows = self
+            .tx
+            .query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, INSERT_ORDERS, values))
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| Ok((r.try_get_by_index::<i64>(0).map_err(db)?, r.try_get_by_index::<i64>(1).map_err(db)?)))
+            .collect::<Result<Vec<(i64, i64)>, DomainError>>()
+            .map(|ids| ids.into_iter().unzip())
+    }
+
+    /// SQLite: ids above the largest, then one multi-row INSERT per table ([`insert_chunked`]).
+    async fn insert_orders_in_rows(&self, orders: &[NewOrder]) -> Result<(Vec<i64>, Vec<i64>), DomainError> {
+        let order_ids = self.next_ids("orders", orders.len()).await?;
+        let payment_ids = self.next_ids("payments", orders.len()).await?;
+        let rows: Vec<order::ActiveModel> = orders
+            .iter()
+            .zip(&order_ids)
+            .map(|(new, id)| order::ActiveModel {
+                id: Set(*id),
+                user_id: Set(new.user_id.get()),
+                total_price: Set(new.total_price.won()),
+                status: Set(OrderStatus::PendingPayment.as_str().to_owned()),
+                ordered_at: Set(new.ordered_at),
+                updated_at: Set(new.ordered_at),
+                deleted_at: Set(None),
+            })
+            .collect();
+        let items: Vec<order_item::ActiveModel> = orders
+            .iter()
+            .zip(&order_ids)
+            .flat_map(|(new, id)| new.items.iter().map(move |i| item_row(*id, i, new.ordered_at)))
+            .collect();
+        let payments: Vec<payment::ActiveModel> = orders
+            .iter()
+            .zip(order_ids.iter().zip(&payment_ids))
+            .map(|(new, (order_id, id))| payment::ActiveModel { id: Set(*id), ..pending_payment(*order_id, new) })
+            .collect();
+        insert_chunked::<order::Entity, _>(&self.tx, rows).await?;
+        insert_chunked::<order_item::Entity, _>(&self.tx, items).await?;
+        insert_chunked::<payment::Entity, _>(&self.tx, payments).await?;
+        Ok((order_ids, payment_ids))
+    }
+
+    /// `n` fresh ids for `table` on SQLite, to insert a batch with one multi-row statement and still know each
+    /// row's id: above the largest id, which is safe because the IMMEDIATE transaction holds the one write lock
+    /// until it commits, so nobody else can take them meanwhile.
     async fn next_ids(&self, table: &str, n: usize) -> Result<Vec<i64>, DomainError> {
         let count = i64::try_from(n).map_err(DomainError::unexpected)?;
         let backend = self.tx.get_database_backend();
-        if backend == DbBackend::Postgres {
-            let sql = format!("SELECT nextval(pg_get_serial_sequence('{table}', 'id')) FROM generate_series(1, $1)");
-            let rows = self
-                .tx
-                .query_all_raw(Statement::from_sql_and_values(backend, sql, [count.into()]))
-                .await
-                .map_err(db)?;
-            return rows.iter().map(|r| r.try_get_by_index::<i64>(0).map_err(db)).collect();
-        }
         let sql = format!("SELECT COALESCE(MAX(id), 0) FROM {table}");
         let top = self
             .tx
@@ -661,7 +720,8 @@ fn pending_payment(order_id: i64, new: &NewOrder) -> payment::ActiveModel {
 /// widest row (ten columns).
 const ROWS_PER_INSERT: usize = 1_000;
 
-async fn insert_chunked<E, A>(tx: &DatabaseTransaction, rows: Vec<A>) -> Result<(), DomainError>
+/// Inserts `rows` in one multi-row INSERT per [`ROWS_PER_INSERT`].
+pub(crate) async fn insert_chunked<E, A>(tx: &DatabaseTransaction, rows: Vec<A>) -> Result<(), DomainError>
 where
     E: EntityTrait,
     A: sea_orm::ActiveModelTrait<Entity = E> + Send,

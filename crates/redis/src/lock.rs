@@ -228,7 +228,7 @@ impl fmt::Debug for LockGuard {
 /// through or `give_up` (when the lease, no longer renewed, runs out anyway). Without it, every order of the
 /// option would wait out the whole lease after Redis came back; with it, the lock is free as soon as the client
 /// has reconnected. Only the token's owner can unlock, so a late retry cannot free someone else's lock.
-async fn retry_release(backend: Arc<dyn Lease>, key: String, token: String, give_up: Instant) {
+pub(crate) async fn retry_release(backend: Arc<dyn Lease>, key: String, token: String, give_up: Instant) {
     const EVERY: Duration = Duration::from_millis(100);
     while Instant::now() + EVERY < give_up {
         tokio::time::sleep(EVERY).await;

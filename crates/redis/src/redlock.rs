@@ -211,7 +211,13 @@ impl DistributedLock for Redlock {
         };
         // Until the lock is won, a dropped lock future undoes what its attempts got, instead of leaving the next
         // contender a minority it cannot win for a whole lease.
-        let mut pending = Undo { nodes: self.nodes.clone(), key: key.to_owned(), token: token.clone(), armed: true };
+        let mut pending = Undo {
+            nodes: self.nodes.clone(),
+            lease: self.lease,
+            key: key.to_owned(),
+            token: token.clone(),
+            armed: true,
+        };
         let mut lost = 0u32;
         loop {
             let unanswered = match self.attempt(key, &token).await {
@@ -226,12 +232,16 @@ impl DistributedLock for Redlock {
                 Err(unanswered) => unanswered,
             };
             // Undo everywhere, not only where granted: a node may have granted after the round stopped waiting.
-            if let Err(e) = self.nodes.release(key, &token).await {
-                tracing::debug!(%key, error = %e, "undoing a lost redlock attempt failed; it expires with its lease");
+            let undone = self.nodes.release(key, &token).await;
+            if let Err(e) = &undone {
+                tracing::debug!(%key, error = %e, "undoing a lost redlock attempt failed");
             }
             let left = lock::remaining(deadline);
             if left.is_zero() {
-                pending.armed = false;
+                // Grants that a cut connection kept from being undone would block every contender for a whole
+                // lease: `pending` undoes them again once the nodes answer. The token is no longer tried, so a
+                // late undo cannot free a lock won with it.
+                pending.armed = undone.is_err();
                 if let Some(turn) = turn.take() {
                     turn.pass_on().await;
                 }
@@ -352,6 +362,7 @@ impl Drop for HeldTurn {
 /// Grants of a lock not yet won; undone on every node if the lock future is dropped before it is.
 struct Undo {
     nodes: Arc<Nodes>,
+    lease: Duration,
     key: String,
     token: String,
     armed: bool,
@@ -363,9 +374,13 @@ impl Drop for Undo {
             return;
         }
         let (nodes, key, token) = (self.nodes.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.token));
+        let give_up = Instant::now() + self.lease;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = nodes.release(&key, &token).await;
+                if nodes.release(&key, &token).await.is_err() {
+                    let nodes: Arc<dyn Lease> = nodes;
+                    lock::retry_release(nodes, key, token, give_up).await;
+                }
             });
         }
     }

@@ -98,7 +98,17 @@ impl DistributedLock for SpinLock {
             return Ok(LockGuard::new(key, token, fence, self.lease, lease));
         }
         loop {
-            match scripts::acquire(&self.node.client, key, &token, self.lease).await? {
+            let attempt = match scripts::acquire(&self.node.client, key, &token, self.lease).await {
+                Ok(attempt) => attempt,
+                Err(e) => {
+                    // The script may have run with its answer lost (a cut connection): undo it once Redis answers,
+                    // rather than leave every contender waiting out the lease. The token is never tried again.
+                    let lease: Arc<dyn Lease> = self.node.clone();
+                    tokio::spawn(lock::retry_release(lease, key.to_owned(), token, Instant::now() + self.lease));
+                    return Err(e);
+                }
+            };
+            match attempt {
                 Attempt::Granted { fence } => {
                     let lease: Arc<dyn Lease> = self.node.clone();
                     return Ok(LockGuard::new(key, token, fence, self.lease, lease));

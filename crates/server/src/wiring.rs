@@ -199,6 +199,9 @@ async fn throttle(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<dyn 
     Ok(Arc::new(local))
 }
 
+/// Connections of the relay's own pool: its hand-over loop, one per-event sink loop, the pruning, the admin API.
+const RELAY_CONNECTIONS: u32 = 3;
+
 /// The relay of the outbox, over the sinks the settings configure: the Redis stream when Redis is configured,
 /// each webhook, and the log when neither is.
 async fn relay(settings: &Settings, db: &DatabaseConnection, clock: Arc<dyn Clock>) -> Result<Relay, StartupError> {
@@ -230,7 +233,16 @@ async fn relay(settings: &Settings, db: &DatabaseConnection, clock: Arc<dyn Cloc
         },
         retention: settings.outbox_retention,
     };
-    Ok(Relay::new(Arc::new(SeaOutbox::new(db.clone())), sinks, clock, policy))
+    // On PostgreSQL the relay has a small pool of its own: in a sale every connection of the main pool may be
+    // held by the batches of a hundred hot options' lanes, and the events must not wait behind them. SQLite's writers queue on one file anyway.
+    let outbox_db = if settings.database_url.starts_with("postgres") {
+        shop_persistence::connect(&settings.database_url, settings.pool(RELAY_CONNECTIONS))
+            .await
+            .map_err(StartupError::database(settings))?
+    } else {
+        db.clone()
+    };
+    Ok(Relay::new(Arc::new(SeaOutbox::new(outbox_db)), sinks, clock, policy))
 }
 
 /// What [`wire`] builds.
@@ -274,6 +286,7 @@ pub(crate) async fn wire(
         batch_max: settings.order_batch_max as usize,
         queue_max: settings.order_queue_max as usize,
         wait: Duration::from_millis(settings.lock_wait_ms),
+        pipeline: settings.order_pipeline as usize,
     };
     let caps = PendingCaps {
         orders: settings.max_pending_orders_per_user,

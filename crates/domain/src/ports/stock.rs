@@ -218,6 +218,13 @@ pub trait StockStrategy: Send + Sync {
         RetryPolicy::BATCH
     }
 
+    /// Whether two batches of one option may run at once in this instance (the next validated and written while
+    /// the current one takes its stock and commits), as batches of two instances do. True unless that would only
+    /// make the second lose its race: a compare-and-set on a version the first is about to change.
+    fn pipelines(&self) -> bool {
+        true
+    }
+
     /// Runs once the transaction that used `permit` has ended: `taken` is what it committed (empty when it
     /// rolled back). The default drops the permit, releasing its locks; a strategy that reserved stock outside
     /// the database gives back whatever it reserved and the transaction did not take.

@@ -48,6 +48,11 @@ impl StockStrategy for OptimisticStock {
     fn retry_policy(&self) -> RetryPolicy {
         self.retry
     }
+
+    /// A second batch would read the version the first is about to bump, and lose.
+    fn pipelines(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

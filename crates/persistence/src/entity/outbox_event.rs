@@ -15,6 +15,8 @@ pub struct Model {
     pub occurred_at: DateTimeUtc,
     /// Set once a relay has handed the event to every sink.
     pub handed_over_at: Option<DateTimeUtc>,
+    /// The batch sinks it was handed to then, comma-separated (per-event sinks have delivery rows).
+    pub delivered_to: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -307,8 +307,9 @@ async fn a_full_lane_sheds_at_once_and_commits_nothing_for_what_it_shed() {
     assert_eq!(app.orders.stats().shed.load(std::sync::atomic::Ordering::Relaxed), 15);
 }
 
-/// A client that gives up (its connection closed) while its order waits, in a lane behind a blocked batch or,
-/// with combining off, for the row itself, leaves no order behind; the client that stayed gets its order.
+/// A client that gives up (its connection closed) while its order waits, in a lane behind a blocked batch or
+/// (with combining off and a second batch in the pipeline) for the row itself, leaves no order behind; the client
+/// that stayed gets its order.
 async fn a_client_that_hangs_up_while_queued_leaves_no_order(batch: u32) {
     let Some(app) = instance(S::Conditional, None, |s| s.order_batch_max = batch).await else { return };
     let app = Arc::new(app);

@@ -5,8 +5,9 @@
 //! (every order of one option shares a lane; an order of several options goes with its first), a payment in one
 //! of [`PAYMENT_LANES`] lanes picked by its user (a user's payments share a lane, so they never race each other
 //! for the balance, while payments of different users still combine). The lane's worker commits up to
-//! `batch_max` jobs at a time, and lanes of different keys commit in parallel. With combining off the job is a
-//! batch of one that runs in the request's own task: one order per lock hold and per commit. Where lanes
+//! `batch_max` jobs at a time, and lanes of different keys commit in parallel. With combining off
+//! (`batch_max` 1) the lanes are the same and every batch holds one job: one order per lock hold and per commit,
+//! while the buyers of one option queue in this process instead of at the pool and the lock. Where lanes
 //! overlap (an order of options 3 and 7 in lane 3, beside lane 7's orders), the stock strategy's protection
 //! decides, as it does between instances.
 //!
@@ -49,17 +50,20 @@ pub const PAYMENT_LANES: u64 = 4;
 /// How requests are combined; [`Combining::OFF`] is one order per lock hold and per commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Combining {
-    /// Orders (or payments) one batch takes at most; `1` runs each request alone, in its own task.
+    /// Orders (or payments) one batch takes at most; `1` commits each request alone.
     pub batch_max: usize,
     /// Requests one lane queues at most besides the batch it commits; past it, 503 at once.
     pub queue_max: usize,
     /// How long a request may wait for its batch, and its batch for the strategy's locks, before 503.
     pub wait: Duration,
+    /// Order batches of one option that may run at once, where the stock strategy allows it: with 2 the next
+    /// batch is validated and written while the current one takes its stock and commits. 1 runs them one by one.
+    pub pipeline: usize,
 }
 
 impl Combining {
     /// Each request alone, waiting at most 5 s.
-    pub const OFF: Self = Self { batch_max: 1, queue_max: 1, wait: Duration::from_secs(5) };
+    pub const OFF: Self = Self { batch_max: 1, queue_max: 10_000, wait: Duration::from_secs(5), pipeline: 1 };
 }
 
 /// How busy a kind of lane is.
@@ -72,12 +76,12 @@ pub struct LaneLoad {
 }
 
 impl LaneLoad {
-    fn of<K, J>(lanes: Option<&Lanes<K, J>>) -> Self
+    fn of<K, J>(lanes: &Lanes<K, J>) -> Self
     where
         K: Eq + std::hash::Hash + Clone + Send + 'static,
         J: Send + 'static,
     {
-        lanes.map_or_else(Self::default, |lanes| Self { lanes: lanes.active(), queued: lanes.queued() })
+        Self { lanes: lanes.active(), queued: lanes.queued() }
     }
 }
 
@@ -174,9 +178,7 @@ fn micros(d: Duration) -> u64 {
 pub(super) struct Job<A, T> {
     pub(super) ask: A,
     pub(super) queued_at: Instant,
-    /// `None` for a request that runs in its own task (combining off): nothing queues it, and the strategy's
-    /// lock wait and the pool's acquire timeout bound what it waits for.
-    deadline: Option<Instant>,
+    deadline: Instant,
     connection: Option<Arc<dyn Connection>>,
     reply: oneshot::Sender<Result<T, DomainError>>,
 }
@@ -184,12 +186,12 @@ pub(super) struct Job<A, T> {
 impl<A, T> Job<A, T> {
     fn new(
         ask: A,
-        wait: Option<Duration>,
+        wait: Duration,
         connection: Option<Arc<dyn Connection>>,
     ) -> (Self, oneshot::Receiver<Result<T, DomainError>>) {
         let (reply, answer) = oneshot::channel();
         let now = Instant::now();
-        (Self { ask, queued_at: now, deadline: wait.map(|wait| now + wait), connection, reply }, answer)
+        (Self { ask, queued_at: now, deadline: now + wait, connection, reply }, answer)
     }
 
     /// Why nobody wants this job done any more: its caller has gone (the reply channel or the client's
@@ -198,7 +200,7 @@ impl<A, T> Job<A, T> {
         if self.reply.is_closed() || self.connection.as_ref().is_some_and(|c| c.is_closed()) {
             return Some(DomainError::unavailable("the client closed the connection before its batch committed"));
         }
-        let late = self.deadline.is_some_and(|deadline| Instant::now() >= deadline);
+        let late = Instant::now() >= self.deadline;
         late.then_some(DomainError::LockTimeout { retry_after_secs: 1 })
     }
 
@@ -278,9 +280,8 @@ pub(super) type PayJob = Job<pay::PaymentAsk, Payment>;
 pub struct OrderService {
     core: Arc<Core>,
     combining: Combining,
-    /// `None` with combining off: each request is its own batch, in its own task.
-    placing: Option<Lanes<ProductOptionId, PlaceJob>>,
-    paying: Option<Lanes<u64, PayJob>>,
+    placing: Lanes<ProductOptionId, PlaceJob>,
+    paying: Lanes<u64, PayJob>,
 }
 
 impl std::fmt::Debug for OrderService {
@@ -319,7 +320,7 @@ impl OrderService {
             catalogue: Arc::new(NoCatalogueReaders),
             caps: PendingCaps::NONE,
         };
-        Self { core: Arc::new(core), combining: Combining::OFF, placing: None, paying: None }
+        Self::with_lanes(Arc::new(core), Combining::OFF)
     }
 
     /// Tells `mirror` of the stock that expired and unpaid orders give back (after the commit): the strategy's
@@ -328,7 +329,7 @@ impl OrderService {
     pub fn with_stock_mirror(self, mirror: Arc<dyn StockMirror>) -> Self {
         let mut core = (*self.core).clone();
         core.mirror = mirror;
-        Self { core: Arc::new(core), ..self }.with_lanes()
+        Self::with_lanes(Arc::new(core), self.combining)
     }
 
     /// Tells `catalogue` of every commit that moved stock (orders placed, paid short, expired), after it.
@@ -336,7 +337,7 @@ impl OrderService {
     pub fn with_catalogue_changes(self, catalogue: Arc<dyn CatalogueChanges>) -> Self {
         let mut core = (*self.core).clone();
         core.catalogue = catalogue;
-        Self { core: Arc::new(core), ..self }.with_lanes()
+        Self::with_lanes(Arc::new(core), self.combining)
     }
 
     /// Caps what one user may hold in unpaid orders: an order past it is 409 `PENDING_LIMIT_EXCEEDED`.
@@ -344,32 +345,30 @@ impl OrderService {
     pub fn with_pending_caps(self, caps: PendingCaps) -> Self {
         let mut core = (*self.core).clone();
         core.caps = caps;
-        Self { core: Arc::new(core), ..self }.with_lanes()
+        Self::with_lanes(Arc::new(core), self.combining)
     }
 
     /// Combines orders, and payments, that arrive together (see the module documentation).
     #[must_use]
     pub fn combining(self, combining: Combining) -> Self {
-        Self { combining, ..self }.with_lanes()
+        Self::with_lanes(self.core, combining)
     }
 
-    /// The lanes of the service as it now is (none with combining off).
-    fn with_lanes(mut self) -> Self {
-        let Combining { batch_max, queue_max, .. } = self.combining;
-        if batch_max <= 1 {
-            (self.placing, self.paying) = (None, None);
-            return self;
-        }
-        let (placer, payer) = (self.core.clone(), self.core.clone());
-        self.placing = Some(Lanes::new(batch_max, queue_max, move |batch| {
+    /// The service over `core`, with fresh lanes for `combining`.
+    fn with_lanes(core: Arc<Core>, combining: Combining) -> Self {
+        let Combining { batch_max, queue_max, .. } = combining;
+        let (placer, payer) = (core.clone(), core.clone());
+        // Order batches of one option may overlap where the strategy allows it; a user's payments never do.
+        let depth = if core.stock.pipelines() { combining.pipeline } else { 1 };
+        let placing = Lanes::new(batch_max, queue_max, depth, move |batch, handoff| {
             let core = placer.clone();
-            async move { core.place(batch).await }
-        }));
-        self.paying = Some(Lanes::new(batch_max, queue_max, move |batch| {
+            async move { core.place(batch, Some(handoff)).await }
+        });
+        let paying = Lanes::new(batch_max, queue_max, 1, move |batch, _| {
             let core = payer.clone();
             async move { core.pay(batch).await }
-        }));
-        self
+        });
+        Self { core, combining, placing, paying }
     }
 
     /// Counters of how orders met the stock strategy.
@@ -385,16 +384,16 @@ impl OrderService {
     }
 
     /// The order lanes now: how many run, and how many orders wait in them (not counting the batches being
-    /// committed). Zero with combining off.
+    /// committed).
     #[must_use]
     pub fn placing_load(&self) -> LaneLoad {
-        LaneLoad::of(self.placing.as_ref())
+        LaneLoad::of(&self.placing)
     }
 
     /// The payment lanes now, as [`OrderService::placing_load`].
     #[must_use]
     pub fn paying_load(&self) -> LaneLoad {
-        LaneLoad::of(self.paying.as_ref())
+        LaneLoad::of(&self.paying)
     }
 
     /// Places an order: validated and priced, then committed with its batch in one short transaction that
@@ -414,13 +413,13 @@ impl OrderService {
         recorder: Option<&Recorder<Order>>,
         connection: Option<Arc<dyn Connection>>,
     ) -> Result<Order, DomainError> {
-        let lane = request.lines().first().map(|line| line.option_id);
+        // An order's lane is its lowest option's; a request always has a line (`OrderRequest::new` refuses none).
+        let Some(lane) = request.lines().first().map(|line| line.option_id) else {
+            return Err(DomainError::unexpected("an order request without lines"));
+        };
         let ask = place::OrderAsk { request, recorder: recorder.cloned() };
-        let (job, answer) = Job::new(ask, self.placing.as_ref().map(|_| self.combining.wait), connection);
-        match (&self.placing, lane) {
-            (Some(lanes), Some(lane)) => self.queue(lanes, lane, job)?,
-            _ => self.core.place(vec![job]).await,
-        }
+        let (job, answer) = Job::new(ask, self.combining.wait, connection);
+        self.queue(&self.placing, lane, job)?;
         answered(answer).await
     }
 
@@ -442,11 +441,8 @@ impl OrderService {
         connection: Option<Arc<dyn Connection>>,
     ) -> Result<Payment, DomainError> {
         let ask = pay::PaymentAsk { order_id, user_id, recorder: recorder.cloned() };
-        let (job, answer) = Job::new(ask, self.paying.as_ref().map(|_| self.combining.wait), connection);
-        match &self.paying {
-            Some(lanes) => self.queue(lanes, user_id.get().unsigned_abs() % PAYMENT_LANES, job)?,
-            None => self.core.pay(vec![job]).await,
-        }
+        let (job, answer) = Job::new(ask, self.combining.wait, connection);
+        self.queue(&self.paying, user_id.get().unsigned_abs() % PAYMENT_LANES, job)?;
         answered(answer).await
     }
 

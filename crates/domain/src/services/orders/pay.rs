@@ -276,7 +276,7 @@ mod tests {
     fn job(order: i64, user: i64) -> (PayJob, Answer) {
         Job::new(
             PaymentAsk { order_id: order_id(order), user_id: uid(user), recorder: None },
-            Some(Duration::from_secs(5)),
+            Duration::from_secs(5),
             None,
         )
     }

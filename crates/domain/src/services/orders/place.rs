@@ -33,6 +33,7 @@ use crate::money::Stock;
 use crate::order::{NewOrder, Order, OrderLine, OrderRequest};
 use crate::ports::stock::union_of;
 use crate::ports::{OrderTx, StockPermit, StockTake};
+use crate::services::lanes::Handoff;
 use crate::stock::allocate;
 
 /// What an order job asks.
@@ -62,8 +63,9 @@ impl ValidOrder {
 }
 
 impl Core {
-    /// Commits one batch of orders and answers each of them.
-    pub(super) async fn place(&self, batch: Vec<PlaceJob>) {
+    /// Commits one batch of orders and answers each of them; a lane's `handoff` is handed off once the batch is
+    /// validated, so that the lane's next batch is validated and written while this one takes stock and commits.
+    pub(super) async fn place(&self, batch: Vec<PlaceJob>, mut handoff: Option<Handoff>) {
         let started = Instant::now();
         let size = batch.len();
         let queued_us =
@@ -83,6 +85,9 @@ impl Core {
             }
         };
         let validate_us = micros(started.elapsed());
+        if let Some(handoff) = &mut handoff {
+            handoff.hand_off();
+        }
         let lines: Vec<&[OrderLine]> = valid.iter().map(ValidOrder::lines).collect();
         let waited = Instant::now();
         let admission = match self.stock.admit(&lines).await {
@@ -331,11 +336,15 @@ impl Core {
             })
             .collect();
         tx.remove_from_carts(&carts, now).await?;
+        let recording = Instant::now();
         if self.outbox {
             let events: Vec<NewEvent> =
                 winners.iter().filter_map(|(_, k)| stored[*k].clone().map(NewEvent::order_created)).collect();
-            tx.record_events(&events, now).await?;
+            // Stamped now, not at the transaction's start: a pessimistic claim may have queued for the row since,
+            // and the relay's lag is measured from this stamp to the delivery.
+            tx.record_events(&events, self.clock.now()).await?;
         }
+        let outbox_us = micros(recording.elapsed());
         let takes: Vec<StockTake> = rows
             .iter()
             .filter_map(|row| allocation.taken.get(&row.option_id).map(|units| StockTake { row: *row, units: *units }))
@@ -363,6 +372,7 @@ impl Core {
         tracing::debug!(
             orders = winners.len(),
             statements_us,
+            outbox_us,
             commit_us = micros(committing.elapsed()),
             "order batch transaction"
         );
@@ -438,15 +448,11 @@ mod tests {
     type Answer = oneshot::Receiver<Result<Order, DomainError>>;
 
     fn job(user: i64, lines: &[(i64, i64)]) -> (PlaceJob, Answer) {
-        Job::new(OrderAsk { request: request(user, lines), recorder: None }, Some(Duration::from_secs(5)), None)
+        Job::new(OrderAsk { request: request(user, lines), recorder: None }, Duration::from_secs(5), None)
     }
 
     fn job_on(user: i64, lines: &[(i64, i64)], connection: Arc<dyn Connection>) -> (PlaceJob, Answer) {
-        Job::new(
-            OrderAsk { request: request(user, lines), recorder: None },
-            Some(Duration::from_secs(5)),
-            Some(connection),
-        )
+        Job::new(OrderAsk { request: request(user, lines), recorder: None }, Duration::from_secs(5), Some(connection))
     }
 
     /// What the store returns for inserted orders: ids from 1 in the order given.
@@ -512,7 +518,7 @@ mod tests {
         let (core, events) = core(vec![tx], Arc::new(ConditionalStock), catalogue(3), everyone());
         let jobs: Vec<_> = (1..=4).map(|u| job(u, &[(1, 1)])).chain([job(5, &[(1, 2)])]).collect();
         let (jobs, answers): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
-        core.place(jobs).await;
+        core.place(jobs, None).await;
         let mut outcomes = Vec::new();
         for answer in answers {
             outcomes.push(answer.await.unwrap());
@@ -539,7 +545,7 @@ mod tests {
         let (b, rb) = job(1, &[(1, 1), (3, 1)]);
         let (c, rc) = job(1, &[(2, 1)]);
         let (d, rd) = job(1, &[(1, 6)]);
-        core.place(vec![a, b, c, d]).await;
+        core.place(vec![a, b, c, d], None).await;
         assert!(matches!(ra.await.unwrap(), Err(DomainError::UserNotFound(_))));
         assert!(matches!(rb.await.unwrap(), Err(DomainError::ProductOptionNotFound(id)) if id == oid(3)));
         assert!(matches!(rc.await.unwrap(), Err(DomainError::ProductNotOnSale { .. })));
@@ -568,7 +574,7 @@ mod tests {
     async fn orders_the_strategy_does_not_admit_never_reach_the_transaction() {
         let (core, _) = core(vec![batch_tx(10, 2, 2, 2)], Arc::new(OddUsersOnly), catalogue(10), everyone());
         let (jobs, answers): (Vec<_>, Vec<_>) = (1..=4).map(|u| job(u, &[(1, 1)])).unzip();
-        core.place(jobs).await;
+        core.place(jobs, None).await;
         let mut fitted = Vec::new();
         for answer in answers {
             fitted.push(answer.await.unwrap().is_ok());
@@ -593,7 +599,7 @@ mod tests {
         let txs = vec![failing, batch_tx(10, 1, 1, 1), alone_fails, batch_tx(10, 1, 1, 1)];
         let (core, events) = core(txs, Arc::new(ConditionalStock), catalogue(10), everyone());
         let (jobs, answers): (Vec<_>, Vec<_>) = (1..=3).map(|u| job(u, &[(1, 1)])).unzip();
-        core.place(jobs).await;
+        core.place(jobs, None).await;
         let mut outcomes = Vec::new();
         for answer in answers {
             outcomes.push(answer.await.unwrap());
@@ -635,7 +641,7 @@ mod tests {
         let txs = vec![optimistic_tx(false), optimistic_tx(false), optimistic_tx(true)];
         let (core, _) = core(txs, optimistic(5), catalogue(10), everyone());
         let (one, answer) = job(1, &[(1, 1)]);
-        core.place(vec![one]).await;
+        core.place(vec![one], None).await;
         assert!(answer.await.unwrap().is_ok());
         assert_eq!(core.stats.retries.load(Ordering::Relaxed), 2);
         assert_eq!(core.stats.lock_acquisitions.load(Ordering::Relaxed), 0, "optimistic takes no lock");
@@ -646,7 +652,7 @@ mod tests {
         let txs = vec![optimistic_tx(false), optimistic_tx(false), optimistic_tx(false)];
         let (core, _) = core(txs, optimistic(2), catalogue(10), everyone());
         let (one, answer) = job(1, &[(1, 1)]);
-        core.place(vec![one]).await;
+        core.place(vec![one], None).await;
         assert!(matches!(answer.await.unwrap(), Err(DomainError::LockTimeout { .. })));
     }
 
@@ -658,7 +664,7 @@ mod tests {
         let (gone, answer) = job_on(1, &[(1, 1)], closed);
         let (dropped, dropped_answer) = job(2, &[(1, 1)]);
         drop(dropped_answer);
-        core.place(vec![gone, dropped]).await;
+        core.place(vec![gone, dropped], None).await;
         assert!(matches!(answer.await.unwrap(), Err(DomainError::Unavailable { .. })));
         assert_eq!(core.stats.abandoned.load(Ordering::Relaxed), 2);
     }
@@ -691,7 +697,7 @@ mod tests {
         let (core, events) = core(vec![tx], Arc::new(ConditionalStock), catalogue(10), everyone());
         let (leaving, left) = job_on(1, &[(1, 1)], hangs_up);
         let (staying, stays) = job(2, &[(1, 1)]);
-        core.place(vec![leaving, staying]).await;
+        core.place(vec![leaving, staying], None).await;
         assert!(matches!(left.await.unwrap(), Err(DomainError::Unavailable { .. })));
         assert_eq!(stays.await.unwrap().unwrap().user_id, uid(2));
         assert_eq!(events.load(Ordering::SeqCst), 1);
@@ -719,7 +725,7 @@ mod tests {
         let (core, events) = core(txs, Arc::new(ConditionalStock), catalogue(10), everyone());
         let (leaving, left) = job_on(1, &[(1, 1)], hangs_up);
         let (staying, stays) = job(2, &[(1, 1)]);
-        core.place(vec![leaving, staying]).await;
+        core.place(vec![leaving, staying], None).await;
         assert!(matches!(left.await.unwrap(), Err(DomainError::Unavailable { .. })));
         assert_eq!(stays.await.unwrap().unwrap().user_id, uid(2));
         assert_eq!(events.load(Ordering::SeqCst), 1, "only the commit signals");
@@ -738,7 +744,7 @@ mod tests {
         core.caps = PendingCaps { orders: 2, units: 5 };
         let (jobs, answers): (Vec<_>, Vec<_>) =
             [job(1, &[(1, 1)]), job(1, &[(1, 1)]), job(2, &[(1, 6)]), job(3, &[(1, 3)])].into_iter().unzip();
-        core.place(jobs).await;
+        core.place(jobs, None).await;
         let mut outcomes = Vec::new();
         for answer in answers {
             outcomes.push(answer.await.unwrap());
@@ -753,8 +759,8 @@ mod tests {
     async fn an_order_past_its_deadline_is_a_lock_timeout_without_a_transaction() {
         let (core, _) = core(vec![], Arc::new(ConditionalStock), MockOrderRepository::new(), MockUserRepository::new());
         let (late, answer) =
-            Job::new(OrderAsk { request: request(1, &[(1, 1)]), recorder: None }, Some(Duration::ZERO), None);
-        core.place(vec![late]).await;
+            Job::new(OrderAsk { request: request(1, &[(1, 1)]), recorder: None }, Duration::ZERO, None);
+        core.place(vec![late], None).await;
         assert!(matches!(answer.await.unwrap(), Err(DomainError::LockTimeout { .. })));
     }
 
@@ -777,14 +783,15 @@ mod tests {
     async fn a_full_lane_sheds_at_once_while_other_options_still_queue() {
         let gate = Arc::new(Semaphore::new(0));
         let (service, _) = service(vec![], Arc::new(Gate(gate.clone())), catalogue(10), everyone());
-        let service = service.combining(Combining { batch_max: 1_000, queue_max: 2, wait: Duration::from_secs(30) });
+        let service =
+            service.combining(Combining { batch_max: 1_000, queue_max: 2, wait: Duration::from_secs(30), pipeline: 1 });
         let place = |user: i64, option: i64| {
             let service = service.clone();
             tokio::spawn(async move { service.place(request(user, &[(option, 1)]), None, None).await })
         };
         // The first order holds option 1's lane at the gate; two more queue behind it; the fourth is shed.
         let first = place(1, 1);
-        let lanes = service.placing.clone().unwrap();
+        let lanes = service.placing.clone();
         while lanes.active() != 1 || lanes.queued() != 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
