@@ -34,24 +34,13 @@ pub(crate) async fn record(
     events: &[NewEvent],
     now: DateTime<Utc>,
 ) -> Result<(), DomainError> {
-    let mut ids = Vec::with_capacity(events.len());
-    let mut envelopes = Vec::with_capacity(events.len());
-    for e in events {
-        let id = uuid::Uuid::now_v7().to_string();
-        let envelope = Envelope { id: &id, kind: e.kind.as_str(), occurred_at: now, data: OrderData::of(e) };
-        envelopes.push(serde_json::to_string(&envelope).map_err(DomainError::unexpected)?);
-        ids.push(id);
-    }
     if tx.get_database_backend() == DbBackend::Postgres {
-        let sql = "INSERT INTO outbox_events (event_id, kind, order_id, envelope, occurred_at) \
-                   SELECT e.event_id, e.kind, e.order_id, e.envelope, $5 \
-                   FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[]) AS e(event_id, kind, order_id, envelope)";
-        let kinds: Vec<String> = events.iter().map(|e| e.kind.as_str().to_owned()).collect();
-        let orders: Vec<i64> = events.iter().map(|e| e.order.id.get()).collect();
-        let values = vec![ids.into(), kinds.into(), orders.into(), envelopes.into(), now.into()];
-        tx.execute_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await.map_err(db)?;
+        if let Some(insert) = postgres_insert(events, now)? {
+            tx.execute_raw(insert).await.map_err(db)?;
+        }
         return Ok(());
     }
+    let (ids, envelopes) = enveloped(events, now)?;
     let rows: Vec<_> = events
         .iter()
         .zip(ids.into_iter().zip(envelopes))
@@ -67,6 +56,34 @@ pub(crate) async fn record(
         })
         .collect();
     insert_chunked(tx, rows).await
+}
+
+/// The PostgreSQL statement that inserts `events` (none for no events): four arrays bound, whatever their number.
+pub(crate) fn postgres_insert(events: &[NewEvent], now: DateTime<Utc>) -> Result<Option<Statement>, DomainError> {
+    if events.is_empty() {
+        return Ok(None);
+    }
+    let (ids, envelopes) = enveloped(events, now)?;
+    let sql = "INSERT INTO outbox_events (event_id, kind, order_id, envelope, occurred_at) \
+               SELECT e.event_id, e.kind, e.order_id, e.envelope, $5 \
+               FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[]) AS e(event_id, kind, order_id, envelope)";
+    let kinds: Vec<String> = events.iter().map(|e| e.kind.as_str().to_owned()).collect();
+    let orders: Vec<i64> = events.iter().map(|e| e.order.id.get()).collect();
+    let values = vec![ids.into(), kinds.into(), orders.into(), envelopes.into(), now.into()];
+    Ok(Some(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)))
+}
+
+/// Each event's new UUID (version 7: time-ordered) and its serialized envelope.
+fn enveloped(events: &[NewEvent], now: DateTime<Utc>) -> Result<(Vec<String>, Vec<String>), DomainError> {
+    let mut ids = Vec::with_capacity(events.len());
+    let mut envelopes = Vec::with_capacity(events.len());
+    for e in events {
+        let id = uuid::Uuid::now_v7().to_string();
+        let envelope = Envelope { id: &id, kind: e.kind.as_str(), occurred_at: now, data: OrderData::of(e) };
+        envelopes.push(serde_json::to_string(&envelope).map_err(DomainError::unexpected)?);
+        ids.push(id);
+    }
+    Ok((ids, envelopes))
 }
 
 /// What every sink delivers: `{"id", "type", "occurredAt", "data"}` (API.md, "Events").

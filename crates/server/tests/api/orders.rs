@@ -86,7 +86,12 @@ async fn thousand_buyers_on_a_hundred_units_never_oversell(app: TestApp) {
     );
     assert_eq!(count(&answers, 201), 100, "{:?}", answers.iter().find(|r| r.status != 201 && r.status != 409));
     let refused: Vec<&Resp> = answers.iter().filter(|r| r.status == 409).collect();
-    assert_eq!(refused.len(), 900);
+    assert_eq!(
+        refused.len(),
+        900,
+        "neither 201 nor 409: {:?}",
+        answers.iter().find(|r| r.status != 201 && r.status != 409)
+    );
     assert!(refused.iter().all(|r| r.body["code"] == "OUT_OF_STOCK" && r.body["productOptionId"] == option));
     assert_eq!(option_stock(&app, option).await, 0);
     check_orders_behind(&app, &answers, 100).await;
