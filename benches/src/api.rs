@@ -1,6 +1,20 @@
 //! Calls of the shop's API that the benchmark, the read benchmark and the smoke run make.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
+
+/// The HTTP client of a run: up to `idle` pooled connections, each request bounded by `timeout`. Idle connections
+/// are dropped after 4 s, before the server's keep-alive (5 s by default) closes them: otherwise a request can
+/// take a connection at the instant the server closes it and fail with "error sending request".
+pub fn client(idle: usize, timeout: Duration) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(idle)
+        .pool_idle_timeout(Duration::from_secs(4))
+        .timeout(timeout)
+        .build()
+        .map_err(|e| e.to_string())
+}
 
 /// Sends `request` and reads its JSON body.
 pub async fn json_of(request: reqwest::RequestBuilder) -> Result<Value, String> {

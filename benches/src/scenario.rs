@@ -267,11 +267,7 @@ async fn run_on(setup: &Setup, scenario: &Scenario, database_url: &str) -> Resul
         env.push(("SHOP_ORDER_BATCH_MAX".to_owned(), batch.to_string()));
     }
     let servers = instances::start(&setup.binary, scenario.instances, &env).await?;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(scenario.buyers)
-        .timeout(Duration::from_secs(120))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client = crate::api::client(scenario.buyers, Duration::from_secs(120))?;
     let base = &servers.bases[0];
     // (product, option) of each hot option.
     let mut hot_options: Vec<(i64, i64)> = Vec::new();

@@ -73,11 +73,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: &Cli) -> Result<String, String> {
     let base = cli.base.trim_end_matches('/');
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(cli.buyers)
-        .timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client = api::client(cli.buyers, Duration::from_secs(60))?;
     // The balancer passes the request id both ways.
     let echoed = client
         .get(format!("{base}/health/live"))

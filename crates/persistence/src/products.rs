@@ -42,12 +42,17 @@ impl SeaProductRepository {
             .all(&self.db)
             .await
             .map_err(db)?;
-        let mut grouped: HashMap<i64, Vec<ProductOption>> = HashMap::new();
-        for row in rows {
-            grouped.entry(row.product_id).or_default().push(to_option(row)?);
-        }
-        Ok(grouped)
+        grouped(rows)
     }
+}
+
+/// Option rows grouped by product, each group in the rows' order.
+fn grouped(rows: Vec<product_option::Model>) -> Result<HashMap<i64, Vec<ProductOption>>, DomainError> {
+    let mut grouped: HashMap<i64, Vec<ProductOption>> = HashMap::new();
+    for row in rows {
+        grouped.entry(row.product_id).or_default().push(to_option(row)?);
+    }
+    Ok(grouped)
 }
 
 pub(crate) fn to_option(m: product_option::Model) -> Result<ProductOption, DomainError> {
@@ -67,26 +72,28 @@ fn to_product(m: product::Model, options: Vec<ProductOption>) -> Result<Product,
 #[async_trait]
 impl ProductRepository for SeaProductRepository {
     async fn list(&self, page: PageRequest) -> Result<Vec<Product>, DomainError> {
-        // The page's ids from the live-products index alone, then only those rows: a deep OFFSET walks index
-        // entries, not table rows.
-        let ids: Vec<i64> = product::Entity::find()
-            .select_only()
+        // The page's ids come from the live-products index alone (a deep OFFSET walks index entries, not table
+        // rows); the page's rows and their options are read at once, each by that subquery, so that a cache miss
+        // costs one round trip rather than three.
+        let page_ids = Query::select()
             .column(product::Column::Id)
-            .filter(product::Column::DeletedAt.is_null())
-            .order_by_asc(product::Column::Id)
+            .from(product::Entity)
+            .and_where(product::Column::DeletedAt.is_null())
+            .order_by(product::Column::Id, Order::Asc)
             .offset(page.offset())
             .limit(page.size())
-            .into_tuple()
-            .all(&self.db)
-            .await
-            .map_err(db)?;
+            .to_owned();
         let rows = product::Entity::find()
-            .filter(product::Column::Id.is_in(ids.clone()))
+            .filter(product::Column::Id.in_subquery(page_ids.clone()))
             .order_by_asc(product::Column::Id)
-            .all(&self.db)
-            .await
-            .map_err(db)?;
-        let mut options = self.options_of(&ids).await?;
+            .all(&self.db);
+        let options = product_option::Entity::find()
+            .filter(product_option::Column::ProductId.in_subquery(page_ids))
+            .filter(product_option::Column::DeletedAt.is_null())
+            .order_by_asc(product_option::Column::Id)
+            .all(&self.db);
+        let (rows, options) = futures::try_join!(rows, options).map_err(db)?;
+        let mut options = grouped(options)?;
         rows.into_iter()
             .map(|p| {
                 let opts = options.remove(&p.id).unwrap_or_default();
@@ -100,15 +107,20 @@ impl ProductRepository for SeaProductRepository {
     }
 
     async fn find(&self, id: ProductId) -> Result<Option<Product>, DomainError> {
-        let Some(row) = product::Entity::find_by_id(id.get())
-            .filter(product::Column::DeletedAt.is_null())
-            .one(&self.db)
-            .await
-            .map_err(db)?
-        else {
+        // The product and its options at once: a cache miss costs one round trip.
+        let row = async {
+            product::Entity::find_by_id(id.get())
+                .filter(product::Column::DeletedAt.is_null())
+                .one(&self.db)
+                .await
+                .map_err(db)
+        };
+        let ids = [id.get()];
+        let (row, mut options) = futures::try_join!(row, self.options_of(&ids))?;
+        let Some(row) = row else {
             return Ok(None);
         };
-        let options = self.options_of(&[row.id]).await?.remove(&row.id).unwrap_or_default();
+        let options = options.remove(&row.id).unwrap_or_default();
         to_product(row, options).map(Some)
     }
 

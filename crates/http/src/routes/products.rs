@@ -129,8 +129,8 @@ pub async fn list_products(
     let cached = state
         .catalogue_cache
         .page(wanted.page(), wanted.size(), async move {
-            let total = cache.total(catalog.count()).await?;
-            let items = catalog.list_items(wanted).await?;
+            // The count (when the cache does not hold it) and the page at once: one round trip for a miss.
+            let (total, items) = futures::try_join!(cache.total(catalog.count()), catalog.list_items(wanted))?;
             let shown: Vec<(i64, i64)> =
                 items.iter().flat_map(|p| p.options.iter().map(move |o| (p.id.get(), o.id.get()))).collect();
             let body = ProductPage {
