@@ -1,13 +1,11 @@
 //! [`ProductRepository`] on SeaORM: the catalogue, admin edits and the popular-products ranking.
 
-use std::collections::HashMap;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, Order, Query};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, IntoCondition, Order, Query};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, JoinType, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, RelationTrait, Set, TransactionTrait,
+    QuerySelect, RelationTrait, Select, Set, TransactionTrait,
 };
 use shop_domain::ids::{ProductId, ProductOptionId};
 use shop_domain::money::{Money, Stock};
@@ -32,27 +30,32 @@ impl SeaProductRepository {
         Self { db }
     }
 
-    /// The live options of these products, grouped by product, each group by option id: one query for a whole
-    /// page.
-    async fn options_of(&self, ids: &[i64]) -> Result<HashMap<i64, Vec<ProductOption>>, DomainError> {
-        let rows = product_option::Entity::find()
-            .filter(product_option::Column::ProductId.is_in(ids.iter().copied()))
-            .filter(product_option::Column::DeletedAt.is_null())
+    /// These products with their live options, read by one statement (a left join, so a product whose options
+    /// are all deleted comes with none): the products by id, each one's options by id. A cache miss is one round
+    /// trip, and the products and options come from one snapshot.
+    async fn with_live_options(&self, products: Select<product::Entity>) -> Result<Vec<Product>, DomainError> {
+        let live = product::Relation::ProductOption.def().on_condition(|_, option| {
+            Expr::col((option, product_option::Column::DeletedAt)).is_null().into_condition()
+        });
+        let rows = products
+            .join(JoinType::LeftJoin, live)
+            .select_also(product_option::Entity)
+            .order_by_asc(product::Column::Id)
             .order_by_asc(product_option::Column::Id)
             .all(&self.db)
             .await
             .map_err(db)?;
-        grouped(rows)
+        let mut grouped: Vec<(product::Model, Vec<ProductOption>)> = Vec::new();
+        for (product, option) in rows {
+            if grouped.last().is_none_or(|(p, _)| p.id != product.id) {
+                grouped.push((product, Vec::new()));
+            }
+            if let (Some(option), Some((_, options))) = (option, grouped.last_mut()) {
+                options.push(to_option(option)?);
+            }
+        }
+        grouped.into_iter().map(|(product, options)| to_product(product, options)).collect()
     }
-}
-
-/// Option rows grouped by product, each group in the rows' order.
-fn grouped(rows: Vec<product_option::Model>) -> Result<HashMap<i64, Vec<ProductOption>>, DomainError> {
-    let mut grouped: HashMap<i64, Vec<ProductOption>> = HashMap::new();
-    for row in rows {
-        grouped.entry(row.product_id).or_default().push(to_option(row)?);
-    }
-    Ok(grouped)
 }
 
 pub(crate) fn to_option(m: product_option::Model) -> Result<ProductOption, DomainError> {
@@ -72,9 +75,7 @@ fn to_product(m: product::Model, options: Vec<ProductOption>) -> Result<Product,
 #[async_trait]
 impl ProductRepository for SeaProductRepository {
     async fn list(&self, page: PageRequest) -> Result<Vec<Product>, DomainError> {
-        // The page's ids come from the live-products index alone (a deep OFFSET walks index entries, not table
-        // rows); the page's rows and their options are read at once, each by that subquery, so that a cache miss
-        // costs one round trip rather than three.
+        // The page's ids come from the live-products index alone: a deep OFFSET walks index entries, not table rows.
         let page_ids = Query::select()
             .column(product::Column::Id)
             .from(product::Entity)
@@ -83,23 +84,7 @@ impl ProductRepository for SeaProductRepository {
             .offset(page.offset())
             .limit(page.size())
             .to_owned();
-        let rows = product::Entity::find()
-            .filter(product::Column::Id.in_subquery(page_ids.clone()))
-            .order_by_asc(product::Column::Id)
-            .all(&self.db);
-        let options = product_option::Entity::find()
-            .filter(product_option::Column::ProductId.in_subquery(page_ids))
-            .filter(product_option::Column::DeletedAt.is_null())
-            .order_by_asc(product_option::Column::Id)
-            .all(&self.db);
-        let (rows, options) = futures::try_join!(rows, options).map_err(db)?;
-        let mut options = grouped(options)?;
-        rows.into_iter()
-            .map(|p| {
-                let opts = options.remove(&p.id).unwrap_or_default();
-                to_product(p, opts)
-            })
-            .collect()
+        self.with_live_options(product::Entity::find().filter(product::Column::Id.in_subquery(page_ids))).await
     }
 
     async fn count_live(&self) -> Result<u64, DomainError> {
@@ -107,21 +92,8 @@ impl ProductRepository for SeaProductRepository {
     }
 
     async fn find(&self, id: ProductId) -> Result<Option<Product>, DomainError> {
-        // The product and its options at once: a cache miss costs one round trip.
-        let row = async {
-            product::Entity::find_by_id(id.get())
-                .filter(product::Column::DeletedAt.is_null())
-                .one(&self.db)
-                .await
-                .map_err(db)
-        };
-        let ids = [id.get()];
-        let (row, mut options) = futures::try_join!(row, self.options_of(&ids))?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let options = options.remove(&row.id).unwrap_or_default();
-        to_product(row, options).map(Some)
+        let live = product::Entity::find_by_id(id.get()).filter(product::Column::DeletedAt.is_null());
+        Ok(self.with_live_options(live).await?.into_iter().next())
     }
 
     async fn create(&self, new: &NewProduct, now: DateTime<Utc>) -> Result<Product, DomainError> {

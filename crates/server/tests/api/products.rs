@@ -12,6 +12,7 @@ on_both_stores!(
     bad_paging_is_a_validation_problem,
     product_detail_and_unknown_products,
     soft_deleted_products_are_gone,
+    soft_deleted_options_are_left_out,
     popular_ranks_by_units_sold_over_the_range,
     popular_defaults_and_bad_ranges,
 );
@@ -88,6 +89,34 @@ async fn soft_deleted_products_are_gone(app: TestApp) {
     app.admin_put(&format!("/api/v1/admin/product-options/{gone_option}/stock"), json!({"stock": 5}))
         .await
         .problem(404, "PRODUCT_OPTION_NOT_FOUND");
+}
+
+/// A product shows its live options only, and a product whose options are all deleted shows with none, in its
+/// detail and on a page (the options come from the product's read, joined on their own deletion).
+async fn soft_deleted_options_are_left_out(app: TestApp) {
+    let two = app.product("two", &[("S", 1, 1), ("M", 1, 1)]).await;
+    let bare = app.product("bare", &[("S", 1, 1)]).await;
+    let (two_id, kept, dropped) = ids(&two);
+    let (bare_id, bare_option, _) = ids(&bare);
+    exec(
+        &app,
+        format!("UPDATE product_options SET deleted_at = CURRENT_TIMESTAMP WHERE id IN ({dropped}, {bare_option})"),
+    )
+    .await;
+    let option_ids = |p: &serde_json::Value| -> Vec<i64> {
+        p["options"].as_array().unwrap().iter().map(|o| o["id"].as_i64().unwrap()).collect()
+    };
+    let detail = app.get(&format!("/api/v1/products/{two_id}")).await;
+    assert_eq!(detail.status, 200, "{detail:?}");
+    assert_eq!(option_ids(&detail.body), vec![kept]);
+    let detail = app.get(&format!("/api/v1/products/{bare_id}")).await;
+    assert_eq!(detail.status, 200, "{detail:?}");
+    assert_eq!(option_ids(&detail.body), Vec::<i64>::new());
+    let page = app.get("/api/v1/products?page=1&size=20").await;
+    let items = page.body["items"].as_array().unwrap();
+    let shown: Vec<(i64, Vec<i64>)> = items.iter().map(|p| (p["id"].as_i64().unwrap(), option_ids(p))).collect();
+    assert_eq!(shown, vec![(two_id, vec![kept]), (bare_id, vec![])]);
+    assert_eq!(page.body["total"], 2);
 }
 
 /// Records `units` of `option` sold on `day` (what a payment does).
