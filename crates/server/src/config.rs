@@ -128,6 +128,10 @@ pub struct Settings {
     /// How long a client may take to send a request's head after connecting before 408.
     #[serde(with = "duration_text")]
     pub http_request_timeout: Duration,
+    /// How long in-flight requests get to finish after SIGTERM before their connections are closed (whole
+    /// seconds, at least 1).
+    #[serde(with = "duration_text")]
+    pub shutdown_grace: Duration,
     /// Seed demo users and products into an empty SQLite database.
     pub seed_demo: bool,
     /// Redis, for the `redis-spin` and `redis-pubsub` strategies.
@@ -267,6 +271,7 @@ impl fmt::Debug for Settings {
             .field("http_workers", &self.http_workers)
             .field("http_keep_alive", &self.http_keep_alive)
             .field("http_request_timeout", &self.http_request_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
             .field("seed_demo", &self.seed_demo)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field("redlock_urls", &self.redlock_urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
@@ -414,6 +419,7 @@ impl Default for Settings {
             // actix-web's defaults.
             http_keep_alive: Duration::from_secs(5),
             http_request_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
             seed_demo: true,
             redis_url: None,
             redlock_urls: Vec::new(),

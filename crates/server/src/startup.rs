@@ -147,7 +147,7 @@ impl Application {
             .keep_alive(settings.http_keep_alive)
             .client_request_timeout(settings.http_request_timeout)
             // In-flight requests get this long to finish after SIGTERM.
-            .shutdown_timeout(10);
+            .shutdown_timeout(settings.shutdown_grace.as_secs().max(1));
         if let Some(workers) = settings.http_workers {
             server = server.workers(workers);
         }
