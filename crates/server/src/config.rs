@@ -158,8 +158,9 @@ pub struct Settings {
     /// How many orders (or payments) one lane (one option's orders; a group of users' payments) queues at most
     /// while its batch commits; a request past it is answered 503 at once.
     pub order_queue_max: u32,
-    /// How many batches of one option's orders may run at once in this instance (1 to 4): with 2, the next batch
-    /// is validated and written while the current one takes its stock and commits. `optimistic` always runs one.
+    /// How many batches of one option's orders may run at once in this instance (1 to 16; each holds a database
+    /// connection while it runs): the next batches are validated and written while the current one takes its
+    /// stock and commits. `optimistic` always runs one, `local` and the Redis locks at most two.
     pub order_pipeline: u32,
     /// How long an order may stay unpaid before the sweeper cancels it: `900`, `90s`, `15m`, `1h`.
     #[serde(with = "duration_text")]
@@ -431,7 +432,7 @@ impl Default for Settings {
             order_batch_max: 128,
             // At the ~6,000 orders/s one hot option commits here, 10,000 queued is under two seconds of wait.
             order_queue_max: 10_000,
-            order_pipeline: 2,
+            order_pipeline: 4,
             // The reference's timeout.
             order_payment_timeout: Duration::from_secs(15 * 60),
             order_sweep_interval: Duration::from_secs(30),
@@ -510,8 +511,8 @@ impl Settings {
         if self.order_queue_max == 0 {
             return Err(ConfigError::Invalid { key: "SHOP_ORDER_QUEUE_MAX", message: "must be at least 1".into() });
         }
-        if !(1..=4).contains(&self.order_pipeline) {
-            return Err(ConfigError::Invalid { key: "SHOP_ORDER_PIPELINE", message: "must be 1 to 4".into() });
+        if !(1..=16).contains(&self.order_pipeline) {
+            return Err(ConfigError::Invalid { key: "SHOP_ORDER_PIPELINE", message: "must be 1 to 16".into() });
         }
         if self.db_max_connections == 0 {
             return Err(ConfigError::Invalid { key: "SHOP_DB_MAX_CONNECTIONS", message: "must be at least 1".into() });

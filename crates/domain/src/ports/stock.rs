@@ -218,11 +218,13 @@ pub trait StockStrategy: Send + Sync {
         RetryPolicy::BATCH
     }
 
-    /// Whether two batches of one option may run at once in this instance (the next validated and written while
-    /// the current one takes its stock and commits), as batches of two instances do. True unless that would only
-    /// make the second lose its race: a compare-and-set on a version the first is about to change.
-    fn pipelines(&self) -> bool {
-        true
+    /// How many batches of one option may run at once in this instance at most (the next ones validated and
+    /// written while the current one takes its stock and commits), as batches of two instances do; the configured
+    /// pipeline may ask fewer. No limit of its own unless more would only queue or lose: a compare-and-set on a
+    /// version the first is about to change (1), or a lock outside the database that covers the whole
+    /// transaction (2: the next batch validated beside the holder is all that overlap wins).
+    fn max_pipeline(&self) -> usize {
+        usize::MAX
     }
 
     /// Runs once the transaction that used `permit` has ended: `taken` is what it committed (empty when it

@@ -113,6 +113,11 @@ impl StockStrategy for LocalLockStock {
             .ok_or(DomainError::LockTimeout { retry_after_secs })?;
         Ok(Admission::everyone(StockPermit::holding(guards), orders.len()))
     }
+
+    /// The lock covers the whole transaction: a third batch would only queue for it.
+    fn max_pipeline(&self) -> usize {
+        2
+    }
 }
 
 #[cfg(test)]

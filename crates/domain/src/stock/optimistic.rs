@@ -50,8 +50,8 @@ impl StockStrategy for OptimisticStock {
     }
 
     /// A second batch would read the version the first is about to bump, and lose.
-    fn pipelines(&self) -> bool {
-        false
+    fn max_pipeline(&self) -> usize {
+        1
     }
 }
 

@@ -359,7 +359,7 @@ impl OrderService {
         let Combining { batch_max, queue_max, .. } = combining;
         let (placer, payer) = (core.clone(), core.clone());
         // Order batches of one option may overlap where the strategy allows it; a user's payments never do.
-        let depth = if core.stock.pipelines() { combining.pipeline } else { 1 };
+        let depth = combining.pipeline.min(core.stock.max_pipeline()).max(1);
         let placing = Lanes::new(batch_max, queue_max, depth, move |batch, handoff| {
             let core = placer.clone();
             async move { core.place(batch, Some(handoff)).await }
