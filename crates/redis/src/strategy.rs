@@ -80,10 +80,10 @@ impl<L: DistributedLock> StockStrategy for RedisLockStock<L> {
         self.name
     }
 
-    /// The locks cover the whole transaction: a third batch would only queue for them (with 4 batches in
-    /// flight, `redis-pubsub` one by one was 15% slower than with 2).
-    fn max_pipeline(&self) -> usize {
-        2
+    /// So a third batch in flight would only queue for the locks (with 4, `redis-pubsub` one by one was 15%
+    /// slower than with 2).
+    fn locks_whole_transaction(&self) -> bool {
+        true
     }
 
     /// Takes the batch's options' locks, each with its fencing token, which the port's default write carries

@@ -222,9 +222,17 @@ pub trait StockStrategy: Send + Sync {
     /// written while the current one takes its stock and commits), as batches of two instances do; the configured
     /// pipeline may ask fewer. No limit of its own unless more would only queue or lose: a compare-and-set on a
     /// version the first is about to change (1), or a lock outside the database that covers the whole
-    /// transaction (2: the next batch validated beside the holder is all that overlap wins).
+    /// transaction (2: the next batch validated and written beside the holder is all that overlap wins).
     fn max_pipeline(&self) -> usize {
-        usize::MAX
+        if self.locks_whole_transaction() { 2 } else { usize::MAX }
+    }
+
+    /// Whether [`StockStrategy::admit`] takes a lock outside the database that covers the whole transaction
+    /// and refuses no order. Then a batch begins its transaction and writes its orders before it asks for the
+    /// lock, so that the lock covers only the claim, the stock write and the commit; the claim, under the lock,
+    /// reads the stock exactly.
+    fn locks_whole_transaction(&self) -> bool {
+        false
     }
 
     /// Runs once the transaction that used `permit` has ended: `taken` is what it committed (empty when it

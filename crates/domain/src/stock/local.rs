@@ -114,9 +114,8 @@ impl StockStrategy for LocalLockStock {
         Ok(Admission::everyone(StockPermit::holding(guards), orders.len()))
     }
 
-    /// The lock covers the whole transaction: a third batch would only queue for it.
-    fn max_pipeline(&self) -> usize {
-        2
+    fn locks_whole_transaction(&self) -> bool {
+        true
     }
 }
 

@@ -9,7 +9,9 @@
 //! 3. **Write, claim and allocate**, in the transaction: the orders, items and payments with one multi-row
 //!    statement per table; then the strategy reads (or locks) the rows, and the domain's allocation gives stock
 //!    to the orders in arrival order, each all of its lines or none; the orders it refuses are deleted again.
-//!    Writing before claiming keeps a locking claim's rows locked only for the few statements after it.
+//!    Writing before claiming keeps a locking claim's rows locked only for the few statements after it. Under a
+//!    lock outside the database that covers the whole transaction (`local`, the Redis locks), the transaction
+//!    begins and writes before step 2, for the same reason.
 //! 4. **Take and commit**: the winners' cart lines removed, the stock taken last (so row locks are held only
 //!    until the commit just after), and each idempotent response recorded, all in one commit.
 //! 5. **Settle** the strategy's permit with what was committed, then answer and publish.
@@ -32,7 +34,7 @@ use crate::ids::{ProductOptionId, UserId};
 use crate::money::Stock;
 use crate::order::{NewOrder, Order, OrderLine, OrderRequest};
 use crate::ports::stock::union_of;
-use crate::ports::{OrderTx, StockPermit, StockTake};
+use crate::ports::{OrderTx, StockPermit, StockTake, Transaction};
 use crate::services::lanes::Handoff;
 use crate::stock::allocate;
 
@@ -48,6 +50,26 @@ enum Committed {
     Done(Vec<Result<Order, DomainError>>),
     /// Rolled back because a caller left while the transaction ran; the batch runs again without it.
     Abandoned,
+}
+
+/// A batch's transaction once [`Core::prepare`] has begun it.
+pub(super) enum Begun {
+    /// Its orders written, the stock not claimed yet.
+    Open(Prepared),
+    /// Nothing to write (every caller gone, or every order past the caps): each order's outcome.
+    Done(Vec<Result<Order, DomainError>>),
+}
+
+/// An open transaction with the batch's orders written.
+pub(super) struct Prepared {
+    tx: Box<dyn Transaction>,
+    now: chrono::DateTime<chrono::Utc>,
+    /// When it began.
+    began: Instant,
+    /// The positions in the batch of the orders it wrote, and what it stored for each, in that order.
+    candidates: Vec<usize>,
+    stored: Vec<Option<Order>>,
+    outcomes: Vec<Option<Result<Order, DomainError>>>,
 }
 
 /// An order of the batch that passed validation, priced.
@@ -89,6 +111,9 @@ impl Core {
             handoff.hand_off();
         }
         let lines: Vec<&[OrderLine]> = valid.iter().map(ValidOrder::lines).collect();
+        // Under a lock that covers the whole transaction, the transaction begins and writes the orders before the
+        // lock is taken, so that the lock covers only the claim, the stock write and the commit.
+        let mut early = if self.stock.locks_whole_transaction() { Some(self.prepare(&valid).await) } else { None };
         let waited = Instant::now();
         let admission = match self.stock.admit(&lines).await {
             Ok(admission) => admission,
@@ -102,6 +127,7 @@ impl Core {
         if admission.permit.is_held() {
             self.stats.stock_wait(waited.elapsed());
         }
+        let validated = valid.len();
         let mut admitted = Vec::with_capacity(valid.len());
         for (order, verdict) in valid.into_iter().zip(admission.verdicts) {
             match verdict {
@@ -112,12 +138,16 @@ impl Core {
                 }
             }
         }
-        if admission.permit.is_held() && !admitted.is_empty() && !ample(&levels, &admitted) {
+        if admitted.len() < validated {
+            // Written for orders the strategy refused: that transaction rolls back, the rest begin again.
+            early = None;
+        }
+        if early.is_none() && admission.permit.is_held() && !admitted.is_empty() && !ample(&levels, &admitted) {
             admitted = self.refuse_short_under_lock(admitted).await;
         }
         let acquire_us = micros(waited.elapsed());
         let committing = Instant::now();
-        let outcomes = self.commit_isolating(&admitted, &admission.permit).await;
+        let outcomes = self.commit_isolating(&admitted, &admission.permit, early).await;
         let commit_us = micros(committing.elapsed());
         if !admitted.is_empty() {
             let queued = Duration::from_micros(queued_us);
@@ -217,10 +247,15 @@ impl Core {
         fit
     }
 
-    /// The batch in one transaction; if that fails for any reason but a lost race or a dependency that is down,
-    /// each order alone.
-    async fn commit_isolating(&self, batch: &[ValidOrder], permit: &StockPermit) -> Vec<Result<Order, DomainError>> {
-        match self.commit_retrying(batch, permit).await {
+    /// The batch in one transaction (the `early` one when given); if that fails for any reason but a lost race
+    /// or a dependency that is down, each order alone.
+    async fn commit_isolating(
+        &self,
+        batch: &[ValidOrder],
+        permit: &StockPermit,
+        early: Option<Result<Begun, DomainError>>,
+    ) -> Vec<Result<Order, DomainError>> {
+        match self.commit_retrying(batch, permit, early).await {
             Ok(outcomes) => outcomes,
             // A dependency that is down fails every order alike: one by one would only multiply the wait.
             Err(e @ DomainError::Unavailable { .. }) => batch.iter().map(|_| Err(e.replicate())).collect(),
@@ -229,7 +264,7 @@ impl Core {
                 tracing::warn!(size = batch.len(), error = %e, "an order batch failed; committing its orders one by one");
                 let mut outcomes = Vec::with_capacity(batch.len());
                 for one in batch.chunks(1) {
-                    let outcome = self.commit_retrying(one, permit).await.and_then(|mut outcome| {
+                    let outcome = self.commit_retrying(one, permit, None).await.and_then(|mut outcome| {
                         outcome.pop().unwrap_or_else(|| Err(DomainError::unexpected("a batch of one answered nothing")))
                     });
                     outcomes.push(outcome);
@@ -240,15 +275,18 @@ impl Core {
         }
     }
 
+    /// The batch's transaction, retried per the strategy's policy; the first attempt goes on from `early` when
+    /// given.
     async fn commit_retrying(
         &self,
         batch: &[ValidOrder],
         permit: &StockPermit,
+        mut early: Option<Result<Begun, DomainError>>,
     ) -> Result<Vec<Result<Order, DomainError>>, DomainError> {
         let retry = self.stock.retry_policy();
         let mut attempt = 0;
         loop {
-            match self.commit(batch, permit).await {
+            match self.commit(batch, permit, early.take()).await {
                 Ok(Committed::Done(outcomes)) => return Ok(outcomes),
                 // At once and without counting: the next attempt leaves the caller that left out.
                 Ok(Committed::Abandoned) => {}
@@ -266,9 +304,9 @@ impl Core {
         }
     }
 
-    /// One transaction for the batch: `Ok` holds each order's outcome (stored, or refused), or says that a
-    /// caller left while it ran; `Err` is a failure of the transaction itself, which then kept nothing.
-    async fn commit(&self, batch: &[ValidOrder], permit: &StockPermit) -> Result<Committed, DomainError> {
+    /// Begins the batch's transaction and writes its orders (those whose callers are still here, within the
+    /// pending caps), before the strategy claims any stock.
+    async fn prepare(&self, batch: &[ValidOrder]) -> Result<Begun, DomainError> {
         let now = self.clock.now();
         let began = Instant::now();
         let mut outcomes: Vec<Option<Result<Order, DomainError>>> = batch.iter().map(|_| None).collect();
@@ -283,20 +321,40 @@ impl Core {
             }
         }
         if candidates.is_empty() {
-            return Ok(Committed::Done(settled(outcomes)));
+            return Ok(Begun::Done(settled(outcomes)));
         }
         let mut tx = self.uow.begin().await?;
         if self.caps != PendingCaps::NONE {
             candidates = self.within_caps(tx.as_mut(), batch, candidates, &mut outcomes).await?;
             if candidates.is_empty() {
-                return Ok(Committed::Done(settled(outcomes)));
+                return Ok(Begun::Done(settled(outcomes)));
             }
         }
         // Every candidate is written before the stock is claimed, so that a claim that locks (pessimistic) holds
         // its rows only for the few statements after it; the orders the allocation refuses are then deleted.
         let news: Vec<NewOrder> =
             candidates.iter().map(|i| NewOrder { ordered_at: now, ..batch[*i].new.clone() }).collect();
-        let mut stored: Vec<Option<Order>> = tx.insert_orders(&news).await?.into_iter().map(Some).collect();
+        let stored: Vec<Option<Order>> = tx.insert_orders(&news).await?.into_iter().map(Some).collect();
+        Ok(Begun::Open(Prepared { tx, now, began, candidates, stored, outcomes }))
+    }
+
+    /// One transaction for the batch, going on from `early` when given (else [`Core::prepare`] first): `Ok`
+    /// holds each order's outcome (stored, or refused), or says that a caller left while it ran; `Err` is a
+    /// failure of the transaction itself, which then kept nothing.
+    async fn commit(
+        &self,
+        batch: &[ValidOrder],
+        permit: &StockPermit,
+        early: Option<Result<Begun, DomainError>>,
+    ) -> Result<Committed, DomainError> {
+        let begun = match early {
+            Some(begun) => begun?,
+            None => self.prepare(batch).await?,
+        };
+        let Prepared { mut tx, now, began, candidates, mut stored, mut outcomes } = match begun {
+            Begun::Open(prepared) => prepared,
+            Begun::Done(outcomes) => return Ok(Committed::Done(outcomes)),
+        };
         let lines: Vec<&[OrderLine]> = candidates.iter().map(|i| batch[*i].lines()).collect();
         let ids: Vec<ProductOptionId> = union_of(&lines).iter().map(|l| l.option_id).collect();
         let rows = self.stock.claim(tx.as_mut(), &ids).await?;
@@ -596,6 +654,65 @@ mod tests {
             fitted.push(answer.await.unwrap().is_ok());
         }
         assert_eq!(fitted, vec![true, false, true, false]);
+    }
+
+    /// A lock outside the database that covers the whole transaction, which notes whether the batch's orders
+    /// were already written when it was asked for.
+    struct WholeTransactionLock {
+        written: Arc<AtomicBool>,
+        written_before_lock: Arc<AtomicBool>,
+    }
+
+    #[async_trait]
+    impl StockStrategy for WholeTransactionLock {
+        fn name(&self) -> &'static str {
+            "whole-transaction lock"
+        }
+
+        fn locks_whole_transaction(&self) -> bool {
+            true
+        }
+
+        async fn admit(&self, orders: &[&[OrderLine]]) -> Result<Admission, DomainError> {
+            self.written_before_lock.store(self.written.load(Ordering::SeqCst), Ordering::SeqCst);
+            Ok(Admission::everyone(StockPermit::holding(()), orders.len()))
+        }
+    }
+
+    #[tokio::test]
+    async fn under_a_lock_that_covers_the_transaction_the_orders_are_written_before_the_lock_is_asked_for() {
+        let written = Arc::new(AtomicBool::new(false));
+        let written_before_lock = Arc::new(AtomicBool::new(false));
+        let mut tx = MockTransaction::new();
+        let noted = written.clone();
+        tx.expect_insert_orders().times(1).returning(move |news| {
+            noted.store(true, Ordering::SeqCst);
+            Ok(stored(news))
+        });
+        // Under the lock: the claim reads the stock (one unit for two buyers), then the one winner is written.
+        tx.expect_read_stock().times(1).returning(|ids| {
+            Ok(ids.iter().map(|id| StockRow { option_id: *id, stock: Stock::new(1).unwrap(), version: 1 }).collect())
+        });
+        tx.expect_delete_orders().withf(|ids| ids.len() == 1).times(1).returning(|_| Ok(()));
+        tx.expect_remove_from_carts().returning(|_, _| Ok(()));
+        tx.expect_record_events().withf(|events, _| events.len() == 1).times(1).returning(|_, _| Ok(()));
+        tx.expect_decrement_stock()
+            .withf(|id, n, _, _| id.get() == 1 && *n == 1)
+            .times(1)
+            .returning(|_, _, _, _| Ok(FencedWrite::Written));
+        tx.expect_commit().times(1).returning(|| Ok(()));
+        let strategy = WholeTransactionLock { written, written_before_lock: written_before_lock.clone() };
+        // Validation read 10 units (ample), so nothing but the transaction's claim reads under the lock.
+        let (core, _) = core(vec![tx], Arc::new(strategy), catalogue(10), everyone());
+        let (jobs, answers): (Vec<_>, Vec<_>) = (1..=2).map(|u| job(u, &[(1, 1)])).unzip();
+        core.place(jobs, None).await;
+        let mut outcomes = Vec::new();
+        for answer in answers {
+            outcomes.push(answer.await.unwrap());
+        }
+        assert!(written_before_lock.load(Ordering::SeqCst), "the orders were written before the lock was asked for");
+        assert!(outcomes[0].is_ok());
+        assert!(matches!(outcomes[1], Err(DomainError::OutOfStock { .. })), "the claim under the lock decided");
     }
 
     #[tokio::test]
